@@ -1,0 +1,1 @@
+"""Data: manifests of image URIs, robust image decoding, multi-crop augmentation, masking, collate, samplers."""

@@ -1,0 +1,3 @@
+from dinov2_pipeline.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Sub-command groups of the CLI; each module exposes ``register(subparsers)``."""
