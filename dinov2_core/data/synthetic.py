@@ -1,0 +1,252 @@
+"""Small, seeded, procedurally drawn image datasets for tests, the demo and quick evaluations.
+
+Two kinds are written to disk so that every stage reads them exactly like user data:
+
+* **classification**: an ImageFolder tree ``root/<class>/<index>.png`` plus a manifest with
+  ``uri, label``. A class is a (shape, colour) pair; position, scale, background level and pixel
+  noise are random, so a model has to learn shape and colour, not memorise pixels. Self-supervised
+  pretraining separates the classes after a short run, which makes the data useful for kNN checks.
+* **segmentation**: images with one to three solid shapes on a noisy background and a per-pixel
+  label PNG (mode ``L``, 0 = background, ``k`` = shape class ``k``) plus a manifest with
+  ``uri, mask_uri, label``.
+
+Generation is deterministic: image ``i`` of class ``c`` depends only on ``(seed, c, i)``. A few
+hundred 32–64 px images take well under a second or two. Manifest URIs are relative to the manifest,
+so a generated tree can be moved or uploaded to S3 as a whole.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from dinov2_core.data.manifest import write_manifest
+from dinov2_core.utils.atomic import atomic_write_bytes
+
+SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond", "stripes", "checker")
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (50, 80, 230),
+    "yellow": (235, 215, 40),
+    "magenta": (210, 50, 200),
+    "cyan": (40, 210, 220),
+    "orange": (245, 140, 30),
+    "white": (245, 245, 245),
+}
+#: Solid shapes used for segmentation (textures make masks ambiguous at 32 px).
+SEGMENTATION_SHAPES = ("circle", "square", "triangle", "cross", "diamond")
+
+
+@dataclass(frozen=True)
+class SyntheticDataset:
+    """Where a generated dataset lives and what it contains."""
+
+    root: str
+    manifest_uri: str
+    class_names: tuple[str, ...]
+    num_images: int
+    num_corrupt: int = 0
+
+
+def classification_class_names(num_classes: int) -> list[str]:
+    """Names ``<shape>_<colour>`` of the first ``num_classes`` classes (shape and colour both differ)."""
+    if not 2 <= num_classes <= len(SHAPES) * len(COLOURS):
+        raise ValueError(f"num_classes must be in [2, {len(SHAPES) * len(COLOURS)}], got {num_classes}")
+    colours = list(COLOURS)
+    names = []
+    for index in range(num_classes):
+        shape = SHAPES[index % len(SHAPES)]
+        colour = colours[(index + index // len(SHAPES)) % len(colours)]
+        names.append(f"{shape}_{colour}")
+    return names
+
+
+def _shape_mask(kind: str, size: int, box: tuple[int, int, int, int]) -> Image.Image:
+    """A mode-``L`` mask (255 inside) of one shape inside ``box`` = (x0, y0, x1, y1)."""
+    mask = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(mask)
+    x0, y0, x1, y1 = box
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    w, h = x1 - x0, y1 - y0
+    if kind == "circle":
+        draw.ellipse(box, fill=255)
+    elif kind in ("square", "stripes", "checker"):
+        draw.rectangle(box, fill=255)
+    elif kind == "triangle":
+        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=255)
+    elif kind == "cross":
+        bar = max(2, round(min(w, h) / 3))
+        draw.rectangle((x0, cy - bar / 2, x1, cy + bar / 2), fill=255)
+        draw.rectangle((cx - bar / 2, y0, cx + bar / 2, y1), fill=255)
+    elif kind == "ring":
+        draw.ellipse(box, fill=255)
+        inset = max(2, round(min(w, h) / 4))
+        draw.ellipse((x0 + inset, y0 + inset, x1 - inset, y1 - inset), fill=0)
+    elif kind == "diamond":
+        draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=255)
+    else:
+        raise ValueError(f"unknown shape {kind!r}; allowed: {list(SHAPES)}")
+    return mask
+
+
+def _texture(kind: str, size: int, colour: tuple[int, int, int], period: int) -> np.ndarray:
+    """An RGB fill for the shape: flat colour, or stripes / a checkerboard of colour and black."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    if kind == "stripes":
+        on = (yy // period) % 2 == 0
+    elif kind == "checker":
+        on = ((yy // period) + (xx // period)) % 2 == 0
+    else:
+        on = np.ones((size, size), dtype=bool)
+    return np.where(on[..., None], np.asarray(colour, np.float32), np.float32(15.0))
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    level = rng.uniform(60, 140)
+    tint = rng.uniform(-15, 15, size=3)
+    return np.clip(level + tint + rng.normal(0, 12, size=(size, size, 3)), 0, 255).astype(np.float32)
+
+
+def _random_box(rng: np.random.Generator, size: int, min_frac: float, max_frac: float) -> tuple[int, int, int, int]:
+    side = int(round(size * rng.uniform(min_frac, max_frac)))
+    x0 = int(rng.integers(0, size - side + 1))
+    y0 = int(rng.integers(0, size - side + 1))
+    return x0, y0, x0 + side - 1, y0 + side - 1
+
+
+def _paint(canvas: np.ndarray, mask: Image.Image, fill: np.ndarray) -> None:
+    alpha = (np.asarray(mask, np.float32) / 255.0)[..., None]
+    canvas *= 1 - alpha
+    canvas += alpha * fill
+
+
+def _encode(array: np.ndarray, image_format: str) -> bytes:
+    buffer = io.BytesIO()
+    image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
+    if image_format == "jpg":
+        image.save(buffer, format="JPEG", quality=92)
+    else:
+        image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def draw_classification_image(class_name: str, rng: np.random.Generator, image_size: int) -> np.ndarray:
+    """One ``image_size``² RGB float array of class ``class_name`` (``<shape>_<colour>``)."""
+    shape, colour_name = class_name.split("_", 1)
+    colour = np.asarray(COLOURS[colour_name], np.float32)
+    colour = np.clip(colour * rng.uniform(0.8, 1.1), 0, 255)
+    canvas = _background(rng, image_size)
+    box = _random_box(rng, image_size, 0.45, 0.85)
+    period = max(2, image_size // 10)
+    _paint(canvas, _shape_mask(shape, image_size, box), _texture(shape, image_size, tuple(colour), period))
+    canvas += rng.normal(0, 6, size=canvas.shape)
+    return canvas
+
+
+def make_classification_dataset(
+    root: str | os.PathLike,
+    num_classes: int = 4,
+    images_per_class: int = 24,
+    image_size: int = 32,
+    seed: int = 0,
+    image_format: str = "png",
+    corrupt_images: int = 0,
+    manifest_name: str = "manifest.parquet",
+) -> SyntheticDataset:
+    """Write an ImageFolder tree ``root/<class>/<i>.<ext>`` and ``root/<manifest_name>`` (uri, label).
+
+    ``corrupt_images`` extra files (truncated PNGs / non-images) are added to the first class and to
+    the manifest, so callers can check that corrupt inputs are skipped and counted.
+    """
+    if image_format not in ("png", "jpg"):
+        raise ValueError(f"image_format: {image_format!r} is not one of ['png', 'jpg']")
+    if image_size < 8:
+        raise ValueError(f"image_size must be >= 8, got {image_size}")
+    root = os.fspath(root)
+    names = classification_class_names(num_classes)
+    rows = []
+    for class_index, name in enumerate(names):
+        for i in range(images_per_class):
+            rng = np.random.default_rng([seed, class_index, i])
+            relative = f"{name}/{i:05d}.{image_format}"
+            image = draw_classification_image(name, rng, image_size)
+            atomic_write_bytes(os.path.join(root, relative), _encode(image, image_format))
+            rows.append({"uri": relative, "label": name})
+    for j in range(corrupt_images):
+        relative = f"{names[0]}/corrupt_{j:03d}.{image_format}"
+        valid = _encode(np.zeros((image_size, image_size, 3)), image_format)
+        payload = valid[: len(valid) // 3] if j % 2 == 0 else b"this is not an image"
+        atomic_write_bytes(os.path.join(root, relative), payload)
+        rows.append({"uri": relative, "label": names[0]})
+    manifest_uri = os.path.join(root, manifest_name)
+    write_manifest(rows, manifest_uri)
+    return SyntheticDataset(root, manifest_uri, tuple(names), len(rows), corrupt_images)
+
+
+def make_classification_splits(
+    root: str | os.PathLike,
+    num_classes: int = 4,
+    train_per_class: int = 24,
+    test_per_class: int = 8,
+    image_size: int = 32,
+    seed: int = 0,
+    image_format: str = "png",
+) -> dict[str, SyntheticDataset]:
+    """``root/train`` and ``root/test`` classification trees drawn with different seeds."""
+    root = os.fspath(root)
+    return {
+        "train": make_classification_dataset(
+            os.path.join(root, "train"), num_classes, train_per_class, image_size, seed, image_format
+        ),
+        "test": make_classification_dataset(
+            os.path.join(root, "test"), num_classes, test_per_class, image_size, seed + 1_000_003, image_format
+        ),
+    }
+
+
+def make_segmentation_dataset(
+    root: str | os.PathLike,
+    num_images: int = 32,
+    image_size: int = 32,
+    num_classes: int = 3,
+    seed: int = 0,
+    manifest_name: str = "manifest.parquet",
+) -> SyntheticDataset:
+    """Write ``root/images/<i>.png``, ``root/masks/<i>.png`` and a manifest (uri, mask_uri, label).
+
+    Class ``k`` (1-based) is shape ``SEGMENTATION_SHAPES[k-1]`` in colour ``k-1``; later shapes are
+    drawn over earlier ones and the mask follows the visible pixels. ``label`` is the class of the
+    largest visible shape (handy for retrieval checks).
+    """
+    if not 1 <= num_classes <= len(SEGMENTATION_SHAPES):
+        raise ValueError(f"num_classes must be in [1, {len(SEGMENTATION_SHAPES)}], got {num_classes}")
+    root = os.fspath(root)
+    colours = list(COLOURS.values())
+    class_names = ["background", *SEGMENTATION_SHAPES[:num_classes]]
+    rows = []
+    for i in range(num_images):
+        rng = np.random.default_rng([seed, 7919, i])
+        canvas = _background(rng, image_size)
+        labels = np.zeros((image_size, image_size), np.uint8)
+        for _ in range(int(rng.integers(1, 4))):
+            cls = int(rng.integers(1, num_classes + 1))
+            box = _random_box(rng, image_size, 0.3, 0.6)
+            mask = _shape_mask(SEGMENTATION_SHAPES[cls - 1], image_size, box)
+            _paint(canvas, mask, np.asarray(colours[cls - 1], np.float32))
+            labels[np.asarray(mask) >= 128] = cls
+        canvas += rng.normal(0, 6, size=canvas.shape)
+        counts = np.bincount(labels.ravel(), minlength=num_classes + 1)[1:]
+        image_rel, mask_rel = f"images/{i:05d}.png", f"masks/{i:05d}.png"
+        atomic_write_bytes(os.path.join(root, image_rel), _encode(canvas, "png"))
+        mask_buffer = io.BytesIO()
+        Image.fromarray(labels, mode="L").save(mask_buffer, format="PNG")
+        atomic_write_bytes(os.path.join(root, mask_rel), mask_buffer.getvalue())
+        rows.append({"uri": image_rel, "mask_uri": mask_rel, "label": class_names[1 + int(counts.argmax())]})
+    manifest_uri = os.path.join(root, manifest_name)
+    write_manifest(rows, manifest_uri)
+    return SyntheticDataset(root, manifest_uri, tuple(class_names), num_images)
