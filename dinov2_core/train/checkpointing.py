@@ -1,0 +1,140 @@
+"""Resumable, reshardable checkpoints with ``torch.distributed.checkpoint`` (DCP).
+
+Layout under ``<output_dir>/checkpoints``::
+
+    00000100/            one DCP directory per saved iteration (the last finished iteration)
+        .metadata, __0_0.distcp, …   student, teacher, loss centers, optimizer, trainer state
+        rng_rank00000.pt             torch / numpy / python (/ CUDA) RNG states of each rank
+        .complete                    written last: only then is the checkpoint usable
+
+A checkpoint is written into ``.tmp-<iteration>`` and renamed when every rank has finished, then the
+marker is written; the ``keep_last`` newest are kept. Directories without a marker (a job killed while
+saving) are ignored and removed at the next start. DCP state dicts are keyed by parameter names, not
+by rank, so a checkpoint saved at one world size loads at any other.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from dinov2_core.utils.atomic import atomic_rename_dir, atomic_write_text
+
+COMPLETE_MARKER = ".complete"
+_NAME = re.compile(r"^\d{8}$")
+
+
+def capture_rng_state() -> dict[str, Any]:
+    state = {"torch": torch.random.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.random.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class CheckpointManager:
+    """Save, find and load training checkpoints for one phase run."""
+
+    def __init__(self, output_dir: str | os.PathLike, keep_last: int, rank: int = 0, world_size: int = 1) -> None:
+        self.root = Path(output_dir) / "checkpoints"
+        self.keep_last = keep_last
+        self.rank = rank
+        self.world_size = world_size
+
+    def complete_checkpoints(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if _NAME.match(p.name) and (p / COMPLETE_MARKER).exists()]
+        return sorted(found, key=lambda p: int(p.name))
+
+    def latest(self) -> Path | None:
+        complete = self.complete_checkpoints()
+        return complete[-1] if complete else None
+
+    def clean_incomplete(self) -> list[str]:
+        """Remove temp and unmarked directories (rank 0); returns what was removed."""
+        removed: list[str] = []
+        if self.rank == 0 and self.root.is_dir():
+            for path in self.root.iterdir():
+                if path.is_dir() and (path.name.startswith(".tmp-") or (_NAME.match(path.name) and not (path / COMPLETE_MARKER).exists())):
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed.append(path.name)
+        _barrier()
+        return removed
+
+    def save(self, iteration: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             trainer_state: dict[str, Any]) -> Path:
+        """Collective: every rank must call it with the same iteration."""
+        final = self.root / f"{iteration:08d}"
+        tmp = self.root / f".tmp-{iteration:08d}"
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            if final.exists():  # re-saving the same iteration after a restore: replace it
+                shutil.rmtree(final)
+        _barrier()
+        model_state, optim_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optim": optim_state, "trainer": dict(trainer_state)}, checkpoint_id=str(tmp))
+        torch.save(capture_rng_state(), tmp / f"rng_rank{self.rank:05d}.pt")
+        _barrier()
+        if self.rank == 0:
+            atomic_rename_dir(tmp, final)
+            atomic_write_text(final / COMPLETE_MARKER, f"{iteration}\n")
+            for old in self.complete_checkpoints()[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+        return final
+
+    def load(self, path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+             restore_rng: bool = True) -> dict[str, Any]:
+        """Load into the (already sharded) model and optimizer; returns the saved trainer state."""
+        path = Path(path)
+        if optimizer is not None:
+            model_state, optim_state = get_state_dict(model, optimizer)
+            state = {"model": model_state, "optim": optim_state, "trainer": {}}
+        else:
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+            model_state = get_model_state_dict(model)
+            state = {"model": model_state, "trainer": {}}
+        trainer_keys = _trainer_keys(path)
+        state["trainer"] = {key: 0 for key in trainer_keys}
+        dcp.load(state, checkpoint_id=str(path))
+        if optimizer is not None:
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        else:
+            from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+            set_model_state_dict(model, state["model"])
+        rng_file = path / f"rng_rank{self.rank:05d}.pt"
+        if restore_rng and rng_file.exists():
+            restore_rng_state(torch.load(rng_file, weights_only=False))
+        return dict(state["trainer"])
+
+
+def _trainer_keys(path: Path) -> list[str]:
+    """Names of the saved ``trainer.*`` values (read from the DCP metadata)."""
+    metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    return sorted({key.split(".", 1)[1] for key in metadata.state_dict_metadata if key.startswith("trainer.")})
