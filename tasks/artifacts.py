@@ -1,0 +1,97 @@
+"""Prefect artifacts for stages: a summary table per stage, links to job logs, a training progress bar.
+
+Keys are lowercase-with-dashes (``<run-name>-<stage>-summary``) so each shows up on the Artifacts page
+and is versioned across runs. Outside a Prefect run (stage functions called directly) these are no-ops.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+
+def artifact_key(*parts: str) -> str:
+    """``("Demo Run", "pretrain", "summary")`` → ``demo-run-pretrain-summary``."""
+    key = "-".join(parts).lower()
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", key)).strip("-")
+
+
+def _in_prefect_run() -> bool:
+    from prefect.context import TaskRunContext, FlowRunContext
+
+    return TaskRunContext.get() is not None or FlowRunContext.get() is not None
+
+
+def _scalar_rows(data: dict[str, Any], prefix: str = "") -> list[dict[str, str]]:
+    rows = []
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            rows.extend(_scalar_rows(value, name + "."))
+        elif isinstance(value, float):
+            rows.append({"key": name, "value": f"{value:.4g}"})
+        else:
+            rows.append({"key": name, "value": str(value)})
+    return rows
+
+
+def stage_summary(run_name: str, stage: str, result: dict[str, Any]) -> None:
+    """A table artifact with the stage's outputs, counts and metrics."""
+    if not _in_prefect_run():
+        return
+    from prefect.artifacts import create_table_artifact
+
+    create_table_artifact(
+        table=_scalar_rows(result),
+        key=artifact_key(run_name, stage, "summary"),
+        description=f"{stage}: outputs, counts and metrics",
+    )
+
+
+def markdown(run_name: str, name: str, text: str, description: str = "") -> None:
+    if not _in_prefect_run():
+        return
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(markdown=text, key=artifact_key(run_name, name), description=description or name)
+
+
+def job_links(run_name: str, stage: str, job_id: str, kind: str, log_paths: list[str]) -> None:
+    """Link artifacts to a job's log files (``file://`` on the shared filesystem)."""
+    if not _in_prefect_run() or not log_paths:
+        return
+    from prefect.artifacts import create_link_artifact
+
+    for path in log_paths:
+        which = "stderr" if path.endswith(".err") else "stdout"
+        create_link_artifact(
+            link=f"file://{path}",
+            link_text=f"{kind} job {job_id} {which}",
+            key=artifact_key(run_name, stage, "job", which),
+            description=f"{stage}: {kind} job {job_id} log ({which})",
+        )
+
+
+class Progress:
+    """A progress artifact (0–100 %) updated while a training job runs."""
+
+    def __init__(self, run_name: str, stage: str, total: int | None) -> None:
+        self.total = total
+        self.artifact_id = None
+        self.last = -1.0
+        if _in_prefect_run() and total:
+            from prefect.artifacts import create_progress_artifact
+
+            self.artifact_id = create_progress_artifact(
+                progress=0.0, key=artifact_key(run_name, stage, "progress"), description=f"{stage} training progress"
+            )
+
+    def update(self, iteration: int | None) -> None:
+        if self.artifact_id is None or iteration is None or not self.total:
+            return
+        percent = min(100.0, 100.0 * (iteration + 1) / self.total)
+        if percent - self.last >= 1.0 or percent == 100.0:
+            from prefect.artifacts import update_progress_artifact
+
+            update_progress_artifact(self.artifact_id, percent)
+            self.last = percent

@@ -1,0 +1,236 @@
+"""``PipelineConfig``: the one typed tree that describes an end-to-end pipeline run.
+
+A pipeline config names the raw images (``source``), the run directory (``work_dir``), one section per
+stage and how heavy stages are dispatched (``launcher``) and tracked (``tracking``). Stage sections
+reuse the stage's own config dataclass: curation sections hold the options of
+``curation.config.<Stage>Config``; training sections point at a trainer recipe
+(``configs/train/*.yaml``) plus ``key=value`` overrides; ``eval`` holds ``EvalConfig`` options.
+
+:func:`validate_pipeline` builds every stage config (the pipeline fills in the keys that depend on
+upstream outputs with the URIs they will have) so a typo anywhere is reported, with the dotted key
+and the allowed values, before a single job is submitted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from dinov2_core.utils.config import ConfigError, apply_overrides, from_dict, load_yaml
+
+STAGES = ("ingest", "embed", "dedup", "curate", "pretrain", "highres", "distill", "eval", "report")
+CURATION_STAGES = ("ingest", "embed", "dedup", "curate")
+TRAIN_STAGES = ("pretrain", "highres", "distill")
+HEAVY_STAGES = ("embed", "pretrain", "highres", "distill", "eval")
+StageName = Literal["ingest", "embed", "dedup", "curate", "pretrain", "highres", "distill", "eval", "report"]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Resources:
+    """Slurm resources of one job; ``None`` means "inherit from the launcher section"."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    nodes: int | None = None
+    gpus_per_node: int | None = None
+    tasks_per_node: int | None = None
+    cpus_per_task: int | None = None
+    mem_gb: float | None = None
+    timeout_min: int | None = None
+    constraint: str | None = None
+    additional: dict[str, Any] | None = None
+    max_num_timeout: int | None = None
+
+
+@dataclass
+class LauncherConfig:
+    """Where heavy stages run. ``local``: a subprocess on this machine (submitit's LocalExecutor) or,
+    with ``local_mode: inline``, in this process. ``slurm``: an sbatch job through submitit."""
+
+    kind: Literal["local", "slurm"] = "local"
+    local_mode: Literal["subprocess", "inline"] = "subprocess"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    nodes: int = 1
+    gpus_per_node: int = 0
+    tasks_per_node: int = 1
+    cpus_per_task: int = 1
+    mem_gb: float | None = None
+    timeout_min: int = 60
+    constraint: str | None = None
+    additional: dict[str, Any] = field(default_factory=dict)
+    setup: list[str] = field(default_factory=list)
+    max_num_timeout: int = 3
+    poll_interval_s: float = 2.0
+    stages: dict[str, Resources] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        for name in self.stages:
+            if name not in HEAVY_STAGES:
+                raise ConfigError(
+                    f"launcher.stages.{name}: not a stage that runs through the launcher; allowed: {list(HEAVY_STAGES)}"
+                )
+        for key in ("nodes", "tasks_per_node", "cpus_per_task", "timeout_min"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"launcher.{key}: {getattr(self, key)} must be >= 1")
+        if self.gpus_per_node < 0 or self.max_num_timeout < 0:
+            raise ConfigError("launcher.gpus_per_node / launcher.max_num_timeout: must be >= 0")
+        if self.poll_interval_s <= 0:
+            raise ConfigError(f"launcher.poll_interval_s: {self.poll_interval_s} must be > 0")
+        if self.kind == "local" and (self.nodes > 1 or any((r.nodes or 1) > 1 for r in self.stages.values())):
+            raise ConfigError("launcher.nodes: the local launcher runs on one node only; allowed: 1 (or kind: slurm)")
+
+    def resources_for(self, stage: str) -> Resources:
+        """The launcher defaults with the stage's own overrides applied."""
+        base = Resources(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Resources)})
+        override = self.stages.get(stage)
+        if override is None:
+            return base
+        values = {k: v for k, v in dataclasses.asdict(override).items() if v is not None}
+        return dataclasses.replace(base, **values)
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow. ``uri`` defaults to ``sqlite:///<work_dir>/mlflow.db`` (no server needed); with many
+    Slurm jobs run one ``mlflow server`` and give its ``http://`` address here."""
+
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str = "dinov2-pipeline"
+    log_model: bool = True
+    registered_model_name: str | None = "dinov2-backbone"
+    system_metrics: bool = True
+
+
+@dataclass
+class CurationStageConfig:
+    """A curation stage: ``options`` are the keys of ``curation.config.<Stage>Config``."""
+
+    enabled: bool = True
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainStageConfig:
+    """A training phase: a trainer recipe plus ``key=value`` overrides (the pipeline adds the dataset,
+    ``init_from`` and ``distill.teacher_path`` from upstream stages)."""
+
+    enabled: bool = True
+    config: str = ""
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EvalStageConfig:
+    """Frozen-feature evaluation: ``options`` are the keys of ``dinov2_core.eval.EvalConfig``.
+    ``train_manifest`` / ``val_manifest`` are labelled manifests; by default the curated training
+    manifest and the ingested manifest are used. ``backbones`` lists the stages to evaluate."""
+
+    enabled: bool = True
+    options: dict[str, Any] = field(default_factory=dict)
+    train_manifest: str | None = None
+    val_manifest: str | None = None
+    backbones: list[Literal["pretrain", "highres", "distill"]] = field(default_factory=lambda: ["distill"])
+
+
+@dataclass
+class ReportStageConfig:
+    enabled: bool = True
+
+
+@dataclass
+class PipelineConfig:
+    """An end-to-end run: ``source`` → curated data → three training phases → evaluation → report."""
+
+    source: str = ""
+    work_dir: str = ""
+    name: str = "dinov2"
+    data_dir: str | None = None
+    ingest: CurationStageConfig = field(default_factory=CurationStageConfig)
+    embed: CurationStageConfig = field(default_factory=CurationStageConfig)
+    dedup: CurationStageConfig = field(default_factory=CurationStageConfig)
+    curate: CurationStageConfig = field(default_factory=CurationStageConfig)
+    pretrain: TrainStageConfig = field(default_factory=TrainStageConfig)
+    highres: TrainStageConfig = field(default_factory=TrainStageConfig)
+    distill: TrainStageConfig = field(default_factory=TrainStageConfig)
+    eval: EvalStageConfig = field(default_factory=EvalStageConfig)
+    report: ReportStageConfig = field(default_factory=ReportStageConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> None:
+        if not self.source:
+            raise ConfigError("source: required; an image folder, s3:// prefix, manifest, file list or tar shards")
+        if not self.work_dir:
+            raise ConfigError("work_dir: required; a directory on a filesystem the flow and its jobs share")
+        if "://" in self.work_dir:
+            raise ConfigError(
+                f"work_dir: {self.work_dir!r} must be a filesystem path shared by the flow and its jobs "
+                "(checkpoints, Slurm logs, Prefect results live there); put curated data on object "
+                "storage with data_dir: s3://..."
+            )
+        for stage in TRAIN_STAGES:
+            section: TrainStageConfig = getattr(self, stage)
+            if section.enabled and not section.config:
+                raise ConfigError(f"{stage}.config: required when {stage}.enabled; a trainer recipe such as configs/train/tiny_{stage}.yaml")
+
+    def enabled(self, stage: str) -> bool:
+        return bool(getattr(self, stage).enabled)
+
+    @property
+    def mlflow_uri(self) -> str:
+        return self.tracking.uri or f"sqlite:///{os.path.abspath(self.work_dir)}/mlflow.db"
+
+    def stage_dir(self, stage: str) -> str:
+        return os.path.join(os.path.abspath(self.work_dir), stage)
+
+    def data_uri(self, stage: str) -> str:
+        """Output location of a curation stage (``data_dir`` may be on object storage)."""
+        from dinov2_core.utils.uri import join_uri
+
+        return join_uri(self.data_dir, stage) if self.data_dir else self.stage_dir(stage)
+
+
+def resolve_path(path: str, base_dir: str | None) -> str:
+    """A recipe path as written in a config: absolute, relative to the config file, or to the repo."""
+    if os.path.isabs(path) or "://" in path:
+        return path
+    for base in (base_dir, os.getcwd(), str(REPO_ROOT)):
+        if base and os.path.exists(os.path.join(base, path)):
+            return os.path.abspath(os.path.join(base, path))
+    return path
+
+
+def load_pipeline_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Read a pipeline YAML (``defaults:`` inheritance allowed), apply overrides, validate completely."""
+    data = load_yaml(path) if path else {}
+    data = apply_overrides(data, list(overrides))
+    cfg = from_dict(PipelineConfig, data)
+    base_dir = os.path.dirname(os.path.abspath(path)) if path else None
+    for stage in TRAIN_STAGES:
+        section: TrainStageConfig = getattr(cfg, stage)
+        if section.config:
+            section.config = resolve_path(section.config, base_dir)
+    cfg.work_dir = os.path.abspath(os.path.expanduser(cfg.work_dir)) if cfg.work_dir else cfg.work_dir
+    if "://" not in cfg.source and cfg.source:
+        cfg.source = os.path.abspath(os.path.expanduser(cfg.source))
+    validate_pipeline(cfg)
+    return cfg
+
+
+def validate_pipeline(cfg: PipelineConfig) -> None:
+    """Build every enabled stage's own config so that all errors surface before any job starts."""
+    cfg.validate()
+    from tasks import stage_configs
+
+    for stage in STAGES:
+        if cfg.enabled(stage):
+            stage_configs.build(cfg, stage, placeholders=True)

@@ -1,0 +1,27 @@
+"""Prefect task for near-duplicate removal (k-NN + cosine threshold + connected components) on the embeddings.
+
+Wraps ``curation.dedup.run_dedup``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+
+from tasks.runner import RunContext, run_stage
+from tasks.stage import StageSpec, split_summary, task_options
+
+
+@task(name="dedup", task_run_name="dedup", **task_options())
+def dedup(spec: StageSpec, run_context: RunContext) -> dict[str, Any]:
+    return run_stage(spec, run_context, target="tasks.dedup:execute")
+
+
+def execute(config: dict[str, Any], inputs: dict[str, Any], output_uri: str, stage_dir: str) -> dict[str, Any]:
+    from curation.config import DedupConfig
+    from curation.dedup import run_dedup
+    from dinov2_core.utils.config import from_dict
+
+    summary = run_dedup(from_dict(DedupConfig, config), inputs["manifest"], inputs["embeddings"], output_uri)
+    return split_summary(summary, output_uri)

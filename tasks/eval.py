@@ -1,0 +1,43 @@
+"""Prefect task for frozen-feature evaluation of the exported backbones (kNN, linear, PCA maps, baselines).
+
+One ``run_evaluation`` per backbone listed in ``eval.backbones``, each into ``eval/<stage>/``. It goes
+through the launcher like the training stages (feature extraction wants the GPU).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any
+
+from prefect import task
+
+from tasks.runner import RunContext, run_stage
+from tasks.stage import StageSpec, task_options
+
+
+@task(name="eval", task_run_name="eval", **task_options())
+def evaluate(spec: StageSpec, run_context: RunContext) -> dict[str, Any]:
+    return run_stage(spec, run_context, target="tasks.eval:execute", heavy=True)
+
+
+def execute(config: dict[str, Any], inputs: dict[str, Any], output_uri: str, stage_dir: str) -> dict[str, Any]:
+    from dinov2_core.eval import run_evaluation
+    from dinov2_core.eval.config import EvalConfig
+    from dinov2_core.utils.config import from_dict
+
+    outputs: dict[str, Any] = {"dir": output_uri}
+    metrics: dict[str, Any] = {}
+    artifacts: list[str] = []
+    for name, eval_cfg in config["evals"].items():
+        out_dir = os.path.join(output_uri, name)
+        summary = run_evaluation(from_dict(EvalConfig, eval_cfg), out_dir) or {}
+        metrics[name] = summary
+        outputs[name] = {
+            "metrics_json": os.path.join(out_dir, "metrics.json"),
+            "report": os.path.join(out_dir, "report.md"),
+            "pca_maps": sorted(glob.glob(os.path.join(out_dir, "pca_*.png"))),
+        }
+        artifacts += [p for p in (outputs[name]["metrics_json"], outputs[name]["report"]) if os.path.exists(p)]
+        artifacts += outputs[name]["pca_maps"]
+    return {"outputs": outputs, "metrics": metrics, "artifacts": artifacts}

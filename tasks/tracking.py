@@ -1,0 +1,200 @@
+"""MLflow tracking for pipeline runs: one parent run per pipeline run, one child run per stage.
+
+Only the controller (the flow process) talks to MLflow: Slurm jobs write ``metrics.jsonl`` on the
+shared filesystem and the controller forwards new rows while it polls. That keeps a SQLite backend
+safe (one writer) and means compute nodes never need to reach the tracking server.
+
+Children are linked with the ``mlflow.parentRunId`` tag, which every MLflow client and the UI honour.
+Parameters are the flattened config with anything that looks like a credential removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from typing import Any, Iterator
+
+from dinov2_core.utils.config import flatten
+
+PARENT_TAG = "mlflow.parentRunId"
+SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key|api_key|private_key|auth)", re.I)
+MAX_PARAM_CHARS = 500
+
+
+def scrub(params: dict[str, Any]) -> dict[str, str]:
+    """Flattened params as strings, without credential-like keys or URL user-info, cut to MLflow's limits."""
+    out = {}
+    for key, value in flatten(params).items():
+        if SECRET_KEY.search(key):
+            continue
+        text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+        text = re.sub(r"(://)[^/@\s]+@", r"\1***@", text)
+        out[key[:250]] = text[:MAX_PARAM_CHARS]
+    return out
+
+
+class Tracker:
+    """Thin wrapper over ``MlflowClient``; every call names its run explicitly (no global active run)."""
+
+    def __init__(self, uri: str, experiment: str) -> None:
+        from mlflow import MlflowClient
+
+        self.uri = uri
+        self.experiment = experiment
+        self.client = MlflowClient(tracking_uri=uri)
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+
+    def start_run(self, name: str, params: dict[str, Any], tags: dict[str, str], parent_id: str | None = None) -> str:
+        from mlflow.entities import Param
+
+        tags = {k: str(v) for k, v in tags.items() if v is not None}
+        if parent_id:
+            tags[PARENT_TAG] = parent_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        items = [Param(k, v) for k, v in scrub(params).items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(run.info.run_id, params=items[start : start + 100])
+        return run.info.run_id
+
+    def run_exists(self, run_id: str | None) -> bool:
+        if not run_id:
+            return False
+        try:
+            return self.client.get_run(run_id).info.lifecycle_stage == "active"
+        except Exception:  # MlflowException: unknown run id (e.g. a new tracking DB)
+            return False
+
+    def reopen(self, run_id: str) -> None:
+        self.client.update_run(run_id, status="RUNNING")
+
+    def end(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        for key, value in tags.items():
+            if value is not None:
+                self.client.set_tag(run_id, key, str(value))
+
+    def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+        import time
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(key, float(value), now, step or 0)
+            for key, value in flatten(metrics).items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+        ]
+        for start in range(0, len(items), 500):
+            self.client.log_batch(run_id, metrics=items[start : start + 500])
+
+    def log_artifact(self, run_id: str, path: str, artifact_path: str | None = None) -> None:
+        if os.path.isdir(path):
+            self.client.log_artifacts(run_id, path, artifact_path)
+        elif os.path.exists(path):
+            self.client.log_artifact(run_id, path, artifact_path)
+
+    @contextlib.contextmanager
+    def system_metrics(self, run_id: str, enabled: bool = True) -> Iterator[None]:
+        """Sample CPU/memory/disk (psutil) into ``run_id`` while a stage runs on this machine."""
+        monitor = None
+        if enabled:
+            try:
+                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+                monitor = SystemMetricsMonitor(run_id, sampling_interval=5, tracking_uri=self.uri)
+                monitor.start()
+            except Exception:  # psutil missing or the monitor cannot start: metrics are optional
+                monitor = None
+        try:
+            yield
+        finally:
+            if monitor is not None:
+                monitor.finish()
+
+    def log_backbone(
+        self, run_id: str, export_dir: str, metrics: dict[str, float], registered_name: str | None
+    ) -> dict[str, Any]:
+        """Log the exported backbone as an MLflow model (``torch.export`` / pt2) and register it."""
+        import mlflow
+        import torch
+
+        from dinov2_core.models.checkpoint_io import load_backbone
+
+        model = load_backbone(export_dir).eval()
+        size = _input_size(export_dir)
+        example = torch.rand(1, 3, size, size).numpy()
+        mlflow.set_tracking_uri(self.uri)
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pytorch.log_model(
+                model,
+                name="backbone",
+                input_example=example,
+                serialization_format="pt2",
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                params={k: v for k, v in scrub({"export_dir": export_dir}).items()},
+            )
+            if metrics:
+                mlflow.log_metrics(
+                    {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, model_id=info.model_id
+                )
+        out: dict[str, Any] = {"model_uri": info.model_uri, "model_id": info.model_id}
+        if registered_name:
+            version = mlflow.register_model(
+                info.model_uri, registered_name, tags={k: str(v) for k, v in metrics.items()}
+            )
+            out.update(registered_name=registered_name, registered_version=str(version.version))
+        return out
+
+
+def _input_size(export_dir: str) -> int:
+    """A valid square input side for the exported backbone (a multiple of its patch size)."""
+    try:
+        with open(os.path.join(export_dir, "model.json"), encoding="utf-8") as handle:
+            spec = json.load(handle)
+        kwargs = spec.get("kwargs", {})
+        patch = int(kwargs.get("patch_size", 14))
+        img = int(kwargs.get("img_size", patch * 4))
+        return max(patch, (img // patch) * patch)
+    except (OSError, ValueError):
+        return 56
+
+
+class MetricsForwarder:
+    """Forwards rows appended to a trainer's ``metrics.jsonl`` (rank 0) to an MLflow run, stepwise."""
+
+    def __init__(self, tracker: Tracker | None, run_id: str | None, path: str) -> None:
+        self.tracker = tracker
+        self.run_id = run_id
+        self.path = path
+        self.offset = 0
+        self.last: dict[str, Any] = {}
+        self.rows = 0
+
+    def poll(self) -> list[dict[str, Any]]:
+        """Read complete new lines (a partially written last line is left for the next poll)."""
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(self.offset)
+                data = handle.read()
+        except OSError:
+            return []
+        end = data.rfind(b"\n") + 1
+        self.offset += end
+        rows = []
+        for line in data[:end].splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        if rows and self.tracker and self.run_id:
+            for row in rows:
+                step = int(row.get("iteration", 0))
+                self.tracker.log_metrics(self.run_id, {k: v for k, v in row.items() if k != "iteration"}, step=step)
+        if rows:
+            self.last = rows[-1]
+            self.rows += len(rows)
+        return rows
