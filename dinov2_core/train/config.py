@@ -111,7 +111,7 @@ class CropsConfig:
     local_crops_scale: tuple[float, float] = (0.05, 0.32)
     global_crops_size: int = 224
     local_crops_size: int = 96
-    blur_mode: Literal["official", "configured"] = "official"
+    blur_mode: Literal["released", "configured"] = "released"
 
 
 @dataclass

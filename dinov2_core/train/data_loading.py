@@ -1,0 +1,101 @@
+"""The training data stream: manifest → seeded multi-crop augmentation → sharded sampler → collate.
+
+Every random draw is a function of ``(train.seed, stream position)``: crops through
+:class:`~dinov2_core.data.datasets.ManifestDataset`, masks through :class:`SeededCollate` (seeded by
+the first stream position of the batch). Together with the sampler position saved in checkpoints this
+makes a resumed run see exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import random
+from functools import partial
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from dinov2_core.data.augmentations import DataAugmentationDINO
+from dinov2_core.data.collate import collate_data_and_cast
+from dinov2_core.data.datasets import ManifestDataset, sample_seed
+from dinov2_core.data.masking import MaskingGenerator, official_max_num_patches
+from dinov2_core.data.samplers import InfiniteShardedSampler
+from dinov2_core.train.config import TrainConfig
+
+_MASK_SALT = 1
+
+
+class PositionTagged:
+    """Wraps the augmentation so each sample carries its stream position (in the official
+    ``(crops, target)`` slot; SSL training ignores targets)."""
+
+    def __init__(self, dataset: ManifestDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[dict[str, Any], int] | None:
+        crops = self.dataset[key]
+        return None if crops is None else (crops, key[0])
+
+
+class SeededCollate:
+    """``collate_data_and_cast`` with a mask RNG seeded from the batch's stream positions."""
+
+    def __init__(self, cfg: TrainConfig, dtype: torch.dtype) -> None:
+        grid = cfg.crops.global_crops_size // cfg.student.patch_size
+        self.seed = cfg.train.seed
+        self.collate = partial(
+            collate_data_and_cast,
+            mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
+            mask_probability=cfg.ibot.mask_sample_probability,
+            dtype=dtype,
+            n_tokens=grid * grid,
+            mask_generator=MaskingGenerator(
+                input_size=(grid, grid),
+                max_num_patches=official_max_num_patches(cfg.crops.global_crops_size, cfg.student.patch_size),
+            ),
+        )
+        self.batch_size = cfg.train.batch_size_per_gpu
+
+    def __call__(self, samples: list[tuple[dict[str, Any], int] | None]) -> dict[str, Any]:
+        positions = [sample[1] for sample in samples if sample is not None]
+        if not positions:
+            return {"n_skipped": len(samples), "empty": True}
+        batch = self.collate(samples, rng=random.Random(sample_seed(self.seed, min(positions), _MASK_SALT)))
+        batch["stream_positions"] = torch.tensor(positions)
+        return batch
+
+
+def build_augmentation(cfg: TrainConfig) -> DataAugmentationDINO:
+    c = cfg.crops
+    return DataAugmentationDINO(
+        global_crops_scale=tuple(c.global_crops_scale),
+        local_crops_scale=tuple(c.local_crops_scale),
+        local_crops_number=c.local_crops_number,
+        global_crops_size=c.global_crops_size,
+        local_crops_size=c.local_crops_size,
+        blur_mode=c.blur_mode,
+    )
+
+
+def build_train_loader(cfg: TrainConfig, rank: int, world_size: int, start_position: int,
+                       dtype: torch.dtype, pin_memory: bool = False) -> DataLoader:
+    """An infinite loader of collated batches starting at global stream position ``start_position``."""
+    dataset = ManifestDataset(cfg.train.dataset, transform=build_augmentation(cfg), seed=cfg.train.seed)
+    sampler = InfiniteShardedSampler(len(dataset), rank=rank, world_size=world_size, seed=cfg.train.seed,
+                                     start=start_position)
+    workers = cfg.train.num_workers
+    return DataLoader(
+        PositionTagged(dataset),
+        batch_size=cfg.train.batch_size_per_gpu,
+        sampler=sampler,
+        collate_fn=SeededCollate(cfg, dtype),
+        num_workers=workers,
+        # s3fs (and other fsspec filesystems) are not fork-safe: never fork DataLoader workers.
+        multiprocessing_context=cfg.train.worker_start_method if workers > 0 else None,
+        persistent_workers=workers > 0,
+        pin_memory=pin_memory,
+        drop_last=True,
+    )

@@ -1,0 +1,259 @@
+"""The training loop shared by the three phases (pretrain, highres, distill).
+
+``run_training(cfg, output_dir)``: join/create the process group, build the phase's model, shard it
+with FSDP2, resume from the newest complete checkpoint if any, then run iterations
+``start … max_iter`` (inclusive, as the official loop) and export the published backbone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import resource
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dinov2_core.train.checkpointing import CheckpointManager
+from dinov2_core.train.config import TrainConfig
+from dinov2_core.train.data_loading import build_train_loader
+from dinov2_core.train.distributed import DistributedContext, init_distributed, shutdown
+from dinov2_core.train.exporting import export_model
+from dinov2_core.train.meta_arch import LOSS_KEYS, SSLMetaArch
+from dinov2_core.train.metrics import MetricsCallback, MetricsLogger
+from dinov2_core.train.nan_guard import NanGuard
+from dinov2_core.train.param_groups import apply_schedule_to_groups, build_param_groups
+from dinov2_core.train.parallelize import (
+    apply_activation_checkpointing,
+    apply_compile,
+    compute_dtype,
+    shard_model,
+)
+from dinov2_core.train.phases import build_phase_model
+from dinov2_core.train.schedules import build_schedules
+from dinov2_core.utils.atomic import atomic_write_text
+from dinov2_core.utils.config import to_dict
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def write_resolved_config(cfg: TrainConfig, output_dir: Path) -> None:
+    import yaml
+
+    atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def parallelize(meta: SSLMetaArch, cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """Move to the device and shard every backbone and head; returns the compute dtype."""
+    dtype = compute_dtype(device, cfg.parallel.mixed_precision)
+    meta.to(device)
+    groups = [meta.student, meta.teacher] + ([meta.model_ema] if meta.distilling else [])
+    for group in groups:
+        for name, module in group.items():
+            if name == "backbone":
+                if group is meta.student and cfg.parallel.activation_checkpointing:
+                    apply_activation_checkpointing(module)
+                if cfg.parallel.compile:
+                    apply_compile(module)
+            shard_model(module, dtype, cfg.parallel.reshard_after_forward, is_backbone=name == "backbone")
+    return dtype
+
+
+def clip_grad_norm_sharded(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm of sharded (DTensor) parameters; returns the norm before clipping."""
+    grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    squares = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(squares)
+    total = squares.sqrt()
+    if max_norm > 0:
+        coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, coefficient.to(grads[0].dtype))
+    return total
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _all_reduce_mean(values: dict[str, torch.Tensor], device: torch.device) -> dict[str, float]:
+    keys = sorted(values)
+    stacked = torch.stack([values[k].float().reshape(()) for k in keys]).to(device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(stacked)
+        stacked /= dist.get_world_size()
+    return dict(zip(keys, stacked.tolist()))
+
+
+def _all_reduce_sum_int(value: int, device: torch.device) -> int:
+    tensor = torch.tensor([value], dtype=torch.long, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return int(tensor.item())
+
+
+def _usable(batch: dict[str, Any], min_rows: int, device: torch.device) -> bool:
+    """Whether every rank has at least ``min_rows`` decoded images (KoLeo needs a neighbour)."""
+    rows = 0 if batch.get("empty") else batch["collated_global_crops"].shape[0] // 2
+    flag = torch.tensor([1 if rows >= min_rows else 0], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, output_dir: str | os.PathLike, context: DistributedContext,
+                 metrics_callback: MetricsCallback | None = None) -> None:
+        self.cfg = cfg
+        self.output_dir = Path(output_dir)
+        self.ctx = context
+        self.metrics_callback = metrics_callback
+        seed_everything(cfg.train.seed + context.rank)
+        if context.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            write_resolved_config(cfg, self.output_dir)
+        self.meta = build_phase_model(cfg, context)
+        self.dtype = parallelize(self.meta, cfg, context.device)
+        student = self.meta.student
+        backbone = student["backbone"]
+        self.optimizer = torch.optim.AdamW(
+            build_param_groups(student.named_parameters(), backbone.n_blocks, backbone.chunked_blocks,
+                               cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult),
+            betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2),
+            lr=0.0,
+            foreach=True,
+        )
+        self.schedules = build_schedules(cfg, context.world_size)
+        self.checkpoints = CheckpointManager(self.output_dir, cfg.checkpoint.keep_last, context.rank, context.world_size)
+        self.nan_guard = NanGuard(cfg.nan_guard.max_consecutive_bad_steps, cfg.nan_guard.max_restores)
+        self.iteration = 0
+        self.data_position = 0
+        self.skipped_images = 0
+
+    # ------------------------------------------------------------- state
+    def trainer_state(self, iteration: int) -> dict[str, Any]:
+        return {"iteration": iteration, "data_position": self.data_position, "skipped_images": self.skipped_images,
+                "world_size": self.ctx.world_size}
+
+    def save(self, iteration: int) -> Path:
+        return self.checkpoints.save(iteration, self.meta, self.optimizer, self.trainer_state(iteration))
+
+    def restore(self, path: Path, restore_rng: bool = True) -> int:
+        state = self.checkpoints.load(path, self.meta, self.optimizer, restore_rng=restore_rng)
+        self.skipped_images = int(state.get("skipped_images", 0))
+        if restore_rng and int(state.get("world_size", self.ctx.world_size)) != self.ctx.world_size:
+            log.warning("resuming a world-size-%s checkpoint at world size %s: the run continues from the same "
+                        "data position but is not bit-identical to an uninterrupted one",
+                        state.get("world_size"), self.ctx.world_size)
+        return int(state["iteration"]), int(state["data_position"])
+
+    def maybe_resume(self) -> None:
+        removed = self.checkpoints.clean_incomplete()
+        if removed and self.ctx.is_main:
+            log.warning("removed incomplete checkpoints: %s", removed)
+        latest = self.checkpoints.latest() if self.cfg.checkpoint.resume else None
+        if latest is None:
+            return
+        saved_iteration, self.data_position = self.restore(latest)
+        self.iteration = saved_iteration + 1
+        if self.ctx.is_main:
+            log.info("resumed from %s (next iteration %d)", latest, self.iteration)
+
+    # -------------------------------------------------------------- step
+    def _step(self, batch: dict[str, Any], values: dict[str, float]) -> tuple[str, dict[str, float]]:
+        apply_schedule_to_groups(self.optimizer, values["lr"], values["wd"], values["last_layer_lr"])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, logged = self.meta.forward_losses(batch, values["teacher_temp"])
+        losses = _all_reduce_mean(logged, self.ctx.device)
+        verdict = self.nan_guard.observe(self.iteration, losses, can_restore=self.checkpoints.latest() is not None)
+        if verdict != "ok":
+            return verdict, losses
+        loss.backward()
+        for module in self.meta.student.values():
+            clip_grad_norm_sharded([p for p in module.parameters() if p.requires_grad], self.cfg.optim.clip_grad)
+        self.optimizer.step()
+        momentum = self.cfg.distill.ema_momentum if self.meta.distilling else values["momentum"]
+        self.meta.update_teacher(momentum)
+        return verdict, losses
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self.maybe_resume()
+        max_iter = cfg.max_iter
+        global_batch = cfg.train.batch_size_per_gpu * self.ctx.world_size
+        loader_iter = iter(build_train_loader(cfg, self.ctx.rank, self.ctx.world_size, self.data_position,
+                                              self.dtype, pin_memory=self.ctx.device.type == "cuda"))
+        metrics = MetricsLogger(self.output_dir, self.ctx.is_main, max_iter + 1, self.iteration, self.metrics_callback)
+        min_rows = 2 if cfg.dino.koleo_loss_weight > 0 else 1
+        last_saved = None
+        self.meta.train()
+        try:
+            while self.iteration <= max_iter:
+                started = time.perf_counter()
+                batch = next(loader_iter)
+                self.data_position += global_batch
+                self.skipped_images += _all_reduce_sum_int(int(batch["n_skipped"]), self.ctx.device)
+                if not _usable(batch, min_rows, self.ctx.device):
+                    continue  # too few decodable images on some rank: draw the next batch
+                batch = _to_device(batch, self.ctx.device)
+                values = self.schedules.at(self.iteration)
+                verdict, losses = self._step(batch, values)
+                if verdict == "restore":
+                    latest = self.checkpoints.latest()
+                    # Keep the data stream moving forward: replaying the same batches would diverge the same way.
+                    position = self.data_position
+                    saved_iteration, _ = self.restore(latest, restore_rng=False)
+                    self.data_position = position
+                    self.iteration = saved_iteration + 1
+                    log.warning("non-finite losses: restored %s, continuing at iteration %d", latest, self.iteration)
+                    continue
+                if self.ctx.device.type == "cuda":
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - started
+                record = {"iteration": self.iteration, **{k: losses.get(k, 0.0) for k in LOSS_KEYS},
+                          **values, "images_per_s": global_batch / elapsed, "step_time_s": elapsed,
+                          "peak_mem_mb": peak_memory_mb(self.ctx.device), "skipped_images": self.skipped_images,
+                          "applied": verdict == "ok"}
+                metrics.log(record)
+                if (self.iteration + 1) % cfg.checkpoint.period == 0 or self.iteration == max_iter:
+                    last_saved = self.save(self.iteration)
+                self.iteration += 1
+        finally:
+            metrics.close()
+        export_dir = export_model(self.meta, cfg, self.output_dir, self.ctx)
+        return {"iteration": self.iteration - 1, "export_dir": str(export_dir), "checkpoint": str(last_saved or ""),
+                "last_metrics": metrics.last, "skipped_images": self.skipped_images}
+
+
+def run_training(cfg: TrainConfig, output_dir: str | os.PathLike,
+                 metrics_callback: MetricsCallback | None = None) -> dict[str, Any]:
+    """Train one phase into ``output_dir``; resumes automatically from its newest complete checkpoint."""
+    cfg.validate()
+    # The backbone returns views of its output (cls / patch slices); we never modify them in place.
+    warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
+    context = init_distributed(cfg.parallel.device)
+    try:
+        return Trainer(cfg, output_dir, context, metrics_callback).fit()
+    finally:
+        shutdown(context)
