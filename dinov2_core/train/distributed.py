@@ -113,4 +113,6 @@ def _bind(device: torch.device, local_rank: int) -> torch.device:
 
 def shutdown(context: DistributedContext) -> None:
     if context.owns_group and dist.is_initialized():
+        if context.world_size > 1:
+            dist.barrier()  # no rank tears down gloo while another still talks to it
         dist.destroy_process_group()

@@ -129,11 +129,13 @@ class Trainer:
         self.output_dir = Path(output_dir)
         self.ctx = context
         self.metrics_callback = metrics_callback
-        seed_everything(cfg.train.seed + context.rank)
         if context.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             write_resolved_config(cfg, self.output_dir)
+        # Same seed on every rank while building: FSDP2 keeps each rank's own init of its shard.
+        seed_everything(cfg.train.seed)
         self.meta = build_phase_model(cfg, context)
+        seed_everything(cfg.train.seed + context.rank)  # drop path and the like differ per rank
         self.dtype = parallelize(self.meta, cfg, context.device)
         student = self.meta.student
         backbone = student["backbone"]
@@ -243,7 +245,7 @@ class Trainer:
             metrics.close()
         export_dir = export_model(self.meta, cfg, self.output_dir, self.ctx)
         return {"iteration": self.iteration - 1, "export_dir": str(export_dir), "checkpoint": str(last_saved or ""),
-                "last_metrics": metrics.last, "skipped_images": self.skipped_images}
+                "last_metrics": metrics.last, "skipped_images": self.skipped_images, "rank": self.ctx.rank}
 
 
 def run_training(cfg: TrainConfig, output_dir: str | os.PathLike,

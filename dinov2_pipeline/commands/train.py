@@ -42,7 +42,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     summary = run_training(cfg, output_dir)
-    print(json.dumps({k: v for k, v in summary.items() if k != "last_metrics"}, default=str))
+    if summary.get("rank", 0) == 0:
+        print(json.dumps({k: v for k, v in summary.items() if k != "last_metrics"}, default=str))
     return 0
 
 
