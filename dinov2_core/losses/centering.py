@@ -63,6 +63,11 @@ def sinkhorn_knopp(
     return q.t()
 
 
+def _finish_reduction_hook(module: "DelayedCenterEMA", *args: Any) -> None:
+    # Module-level (not a lambda) so that modules holding it stay picklable.
+    module._finish_center_reduction()
+
+
 class DelayedCenterEMA(nn.Module):
     """Base class holding a float32 EMA ``center`` whose updates are applied one call late.
 
@@ -81,8 +86,8 @@ class DelayedCenterEMA(nn.Module):
         self.register_buffer("pending_batch_center", torch.zeros(center_shape, dtype=torch.float32))
         self.register_buffer("has_pending_update", torch.zeros((), dtype=torch.bool))
         self._in_flight: tuple[Any, Tensor] | None = None
-        self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module._finish_center_reduction())
-        self.register_load_state_dict_pre_hook(lambda module, *args: module._finish_center_reduction())
+        self.register_state_dict_pre_hook(_finish_reduction_hook)
+        self.register_load_state_dict_pre_hook(_finish_reduction_hook)
 
     @torch.no_grad()
     def _launch_center_reduction(self, statistic_sum: Tensor, weight: float) -> None:
