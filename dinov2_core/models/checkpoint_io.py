@@ -93,12 +93,15 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
-    """Load ``state_dict`` (chunked or plain keys) into ``model``; raise :class:`CheckpointMismatchError` on any mismatch."""
+    """Load ``state_dict`` into ``model``; raise :class:`CheckpointMismatchError` on any mismatch.
+
+    For backbones, chunked and plain block keys are accepted on both sides and reported in hub naming.
+    """
     model = _unwrap(model)
     expected = model.state_dict()
-    if isinstance(model, DinoVisionTransformer):
-        chunks = len(model.blocks) if model.chunked_blocks else 0
-        state_dict = chunk_state_dict(state_dict, model.n_blocks, chunks)
+    is_backbone = isinstance(model, DinoVisionTransformer)
+    if is_backbone:  # compare (and report) in hub naming, whatever the chunking on either side
+        expected, state_dict = unchunk_state_dict(expected), unchunk_state_dict(state_dict)
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     shapes = sorted(
@@ -108,6 +111,8 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Tensor]) -
     )
     if missing or unexpected or shapes:
         raise CheckpointMismatchError(missing, unexpected, shapes)
+    if is_backbone:
+        state_dict = chunk_state_dict(state_dict, model.n_blocks, len(model.blocks) if model.chunked_blocks else 0)
     model.load_state_dict(state_dict, strict=True)
 
 
