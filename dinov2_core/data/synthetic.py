@@ -12,7 +12,9 @@ Two kinds are written to disk so that every stage reads them exactly like user d
 
 Generation is deterministic: image ``i`` of class ``c`` depends only on ``(seed, c, i)``. A few
 hundred 32–64 px images take well under a second or two. Manifest URIs are relative to the manifest,
-so a generated tree can be moved or uploaded to S3 as a whole.
+so a generated tree can be moved or uploaded to S3 as a whole. Image files are plain writes (an
+fsync per tiny file would dominate the run time); the manifest is written atomically last, so a
+dataset is complete exactly when its manifest exists.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from dinov2_core.data.manifest import write_manifest
-from dinov2_core.utils.atomic import atomic_write_bytes
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond", "stripes", "checker")
 COLOURS = {
@@ -125,6 +126,12 @@ def _paint(canvas: np.ndarray, mask: Image.Image, fill: np.ndarray) -> None:
     canvas += alpha * fill
 
 
+def _write(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as handle:
+        handle.write(data)
+
+
 def _encode(array: np.ndarray, image_format: str) -> bytes:
     buffer = io.BytesIO()
     image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
@@ -175,13 +182,13 @@ def make_classification_dataset(
             rng = np.random.default_rng([seed, class_index, i])
             relative = f"{name}/{i:05d}.{image_format}"
             image = draw_classification_image(name, rng, image_size)
-            atomic_write_bytes(os.path.join(root, relative), _encode(image, image_format))
+            _write(os.path.join(root, relative), _encode(image, image_format))
             rows.append({"uri": relative, "label": name})
     for j in range(corrupt_images):
         relative = f"{names[0]}/corrupt_{j:03d}.{image_format}"
         valid = _encode(np.zeros((image_size, image_size, 3)), image_format)
         payload = valid[: len(valid) // 3] if j % 2 == 0 else b"this is not an image"
-        atomic_write_bytes(os.path.join(root, relative), payload)
+        _write(os.path.join(root, relative), payload)
         rows.append({"uri": relative, "label": names[0]})
     manifest_uri = os.path.join(root, manifest_name)
     write_manifest(rows, manifest_uri)
@@ -242,10 +249,10 @@ def make_segmentation_dataset(
         canvas += rng.normal(0, 6, size=canvas.shape)
         counts = np.bincount(labels.ravel(), minlength=num_classes + 1)[1:]
         image_rel, mask_rel = f"images/{i:05d}.png", f"masks/{i:05d}.png"
-        atomic_write_bytes(os.path.join(root, image_rel), _encode(canvas, "png"))
+        _write(os.path.join(root, image_rel), _encode(canvas, "png"))
         mask_buffer = io.BytesIO()
         Image.fromarray(labels, mode="L").save(mask_buffer, format="PNG")
-        atomic_write_bytes(os.path.join(root, mask_rel), mask_buffer.getvalue())
+        _write(os.path.join(root, mask_rel), mask_buffer.getvalue())
         rows.append({"uri": image_rel, "mask_uri": mask_rel, "label": class_names[1 + int(counts.argmax())]})
     manifest_uri = os.path.join(root, manifest_name)
     write_manifest(rows, manifest_uri)

@@ -170,7 +170,8 @@ class EvalConfig:
     """A full evaluation: which backbone, which data, which protocols.
 
     ``backbone`` is an export directory (``backbone.pth`` + ``model.json``) or an official hub
-    ``.pth``. Without it, ``arch`` + ``random_init: true`` evaluates a random network (baseline run).
+    ``.pth``. Without it, ``arch`` + ``random_init: true`` evaluates a random network (baseline run);
+    ``run_evaluation(cfg, out, model=...)`` evaluates an in-memory module instead.
     ``train``/``test`` are ImageFolder directories or labelled manifests (local or ``s3://``).
     """
 
@@ -181,7 +182,8 @@ class EvalConfig:
     random_init: bool = False
     train: str | None = None
     test: str | None = None
-    evals: list[EvalName] = field(default_factory=lambda: list(ALL_EVALS))
+    #: protocols to run; null = every protocol the given data allows (dense only with ``dense.data``)
+    evals: list[EvalName] | None = None
     image: ImageConfig = field(default_factory=ImageConfig)
     batch_size: int = 64
     num_workers: int = 0
@@ -200,19 +202,26 @@ class EvalConfig:
     pca: PcaConfig = field(default_factory=PcaConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
 
+    @property
+    def enabled_evals(self) -> list[str]:
+        if self.evals is not None:
+            return list(self.evals)
+        return [e for e in ALL_EVALS if e != "dense" or self.dense.data is not None]
+
     def validate(self) -> None:
-        if self.backbone is None and not (self.random_init and self.arch):
-            raise ConfigError("backbone: required (path or export dir), unless arch is set with random_init: true")
+        evals = self.enabled_evals
+        if self.random_init and not self.arch:
+            raise ConfigError("arch: required with random_init: true (e.g. vit_small)")
         if self.backbone is not None and self.random_init:
             raise ConfigError("random_init: true cannot be combined with backbone (use arch instead)")
-        classification = {"knn", "linear", "logreg"} & set(self.evals)
+        classification = {"knn", "linear", "logreg"} & set(evals)
         if classification and (self.train is None or self.test is None):
             raise ConfigError(f"train and test: required for evals {sorted(classification)}")
-        if "retrieval" in self.evals and self.retrieval.query is None and (self.train is None or self.test is None):
+        if "retrieval" in evals and self.retrieval.query is None and (self.train is None or self.test is None):
             raise ConfigError("retrieval: needs retrieval.query/gallery or train and test")
-        if "dense" in self.evals and self.dense.data is None:
+        if "dense" in evals and self.dense.data is None:
             raise ConfigError("dense.data: required when 'dense' is in evals (manifest with uri, mask_uri)")
-        if "pca" in self.evals and self.test is None and self.dense.data is None:
+        if "pca" in evals and self.test is None and self.dense.data is None:
             raise ConfigError("pca: needs test or dense.data images")
         if self.batch_size < 1 or self.num_workers < 0:
             raise ConfigError("batch_size must be >= 1 and num_workers >= 0")

@@ -5,7 +5,7 @@ A head's input is the concatenated cls tokens of the last ``n`` blocks, plus, wi
 patch token of the last block. All heads see the same mini-batches of precomputed features; each
 has its own learning rate (grid value × batch/256), SGD momentum 0.9, weight decay 0, cosine decay to
 0, weights N(0, 0.01), bias 0. The best head is chosen by top-1 on a validation split carved out of
-train, and only that head's test accuracy is reported. Unlike the official script the backbone is not
+train (ties broken by the lower validation loss), and only that head's test accuracy is reported. Unlike the official script the backbone is not
 re-run on augmented crops each step, which makes the probe a few seconds instead of hours.
 """
 
@@ -122,7 +122,11 @@ def train_linear_grid(
     val_top1 = _accuracies(grid, val_inputs, val_labels.to(device), 1)
     test_top1 = _accuracies(grid, test_inputs, test_labels.to(device), 1)
     test_top5 = _accuracies(grid, test_inputs, test_labels.to(device), 5)
-    best = max(range(len(specs)), key=lambda i: (val_top1[i], -i))
+    with torch.no_grad():
+        val_y = val_labels.to(device)
+        val_loss = [F.cross_entropy(logits, val_y).item() for logits in grid(val_inputs)]
+    # ties in accuracy are common on small validation splits: the lower validation loss wins
+    best = max(range(len(specs)), key=lambda i: (val_top1[i], -val_loss[i], -i))
     return {
         "top1": test_top1[best],
         "top5": test_top5[best],

@@ -59,19 +59,22 @@ def validate_eval_config(cfg: EvalConfig) -> None:
     for section in [cfg, *(getattr(cfg, f.name) for f in dataclasses.fields(cfg))]:
         if dataclasses.is_dataclass(section) and callable(getattr(section, "validate", None)):
             section.validate()
-    bad = [e for e in cfg.evals if e not in get_args(EvalName)]
+    bad = [e for e in cfg.enabled_evals if e not in get_args(EvalName)]
     if bad:
         raise ConfigError(f"evals: {bad[0]!r} is not one of {list(get_args(EvalName))}")
 
 
-def load_eval_backbone(cfg: EvalConfig) -> tuple[nn.Module, dict[str, Any], str]:
+def load_eval_backbone(cfg: EvalConfig) -> tuple[nn.Module, dict[str, Any] | None, str]:
     """(model, spec, display name) for ``cfg.backbone`` or ``cfg.arch`` at random init."""
     from dinov2_core.models import backbone_spec, build_backbone
     from dinov2_core.models.checkpoint_io import load_backbone
 
+    if cfg.backbone is None and not cfg.random_init:
+        raise ConfigError("backbone: required (export dir or .pth), unless arch is set with random_init: true")
     if cfg.backbone is not None:
         model = load_backbone(cfg.backbone)
-        return model.eval(), backbone_spec(model), os.path.basename(os.fspath(cfg.backbone).rstrip("/")) or "backbone"
+        name = "/".join(os.fspath(cfg.backbone).rstrip("/").split("/")[-2:])
+        return model.eval(), backbone_spec(model), name
     spec = {"arch": cfg.arch, "kwargs": dict(cfg.backbone_kwargs)}
     try:
         build_backbone(cfg.arch, **cfg.backbone_kwargs)
@@ -90,7 +93,7 @@ class EvalData:
 
 
 def load_eval_data(cfg: EvalConfig) -> EvalData:
-    wants = set(cfg.evals)
+    wants = set(cfg.enabled_evals)
     needs_classification = bool(wants & {"knn", "linear", "logreg"}) or (
         "retrieval" in wants and cfg.retrieval.query is None
     )
@@ -149,7 +152,7 @@ def _evaluate_model(
     details: dict[str, Any],
 ) -> dict[str, float]:
     """All requested protocols for one model; flat metrics without prefix."""
-    wants = set(cfg.evals)
+    wants = set(cfg.enabled_evals)
     metrics: dict[str, float] = {}
     classification = wants & {"knn", "linear", "logreg"} or ("retrieval" in wants and data.query is None)
     wrapper = BackboneFeatures(model, max(cfg.linear.n_last_blocks)) if is_backbone else model
@@ -254,15 +257,30 @@ def _write_decontamination(output_dir: str, seen: dict[str, dict[str, Any]]) -> 
     return manifest_uri, decontamination_uri
 
 
-def run_evaluation(cfg: EvalConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
-    """Evaluate ``cfg``'s backbone and baselines; write all outputs under ``output_dir``.
+def _in_memory_spec(model: nn.Module) -> dict[str, Any] | None:
+    from dinov2_core.models import backbone_spec
+
+    try:
+        return backbone_spec(model)
+    except ValueError:  # not built by a builder: no random-init twin can be made
+        return None
+
+
+def run_evaluation(
+    cfg: EvalConfig, output_dir: str | os.PathLike, model: nn.Module | None = None, title: str = "backbone"
+) -> dict[str, Any]:
+    """Evaluate ``cfg``'s backbone (or the in-memory ``model``) and baselines; write all outputs
+    under ``output_dir``.
 
     Returns ``{"metrics": {flat metrics}, "table": markdown, "files": {name: uri}}``.
     """
     validate_eval_config(cfg)
     output_dir = os.fspath(output_dir)
     device = resolve_device(cfg.device)
-    model, spec, title = load_eval_backbone(cfg)
+    if model is None:
+        model, spec, title = load_eval_backbone(cfg)
+    else:
+        model, spec = model.eval(), _in_memory_spec(model)
     patch_size = int(getattr(model, "patch_size"))
     if cfg.image.crop_size % patch_size:
         raise ConfigError(f"image.crop_size: {cfg.image.crop_size} is not a multiple of the patch size {patch_size}")
@@ -272,19 +290,19 @@ def run_evaluation(cfg: EvalConfig, output_dir: str | os.PathLike) -> dict[str, 
     started = time.perf_counter()
     metrics = _evaluate_model(model, True, cfg, data, extract, device, details)
     pca_files: list[str] = []
-    if "pca" in cfg.evals:
+    if "pca" in cfg.enabled_evals:
         source = data.test if data.test is not None else data.dense
         images, patch_maps = _pca_inputs(model, source, extract, cfg.pca.num_images, device)
         if images is not None:
             pca_files = write_pca_maps(images, patch_maps, output_dir, cfg.pca.foreground_threshold)
-    if cfg.baselines.random_init and cfg.backbone is not None:
+    if cfg.baselines.random_init and not cfg.random_init and spec is not None:
         baseline_details: dict[str, Any] = {}
         random_model = random_init_backbone(spec, cfg.baselines.random_init_seed)
         baseline = _evaluate_model(random_model, True, cfg, data, extract, device, baseline_details)
         metrics.update({f"baseline_random.{k}": v for k, v in baseline.items() if not k.startswith("data.")})
         details["baseline_random"] = baseline_details
-    if cfg.baselines.pixels and ({"knn", "retrieval"} & set(cfg.evals)):
-        pixel_cfg = dataclasses.replace(cfg, evals=[e for e in cfg.evals if e in ("knn", "retrieval")])
+    if cfg.baselines.pixels and ({"knn", "retrieval"} & set(cfg.enabled_evals)):
+        pixel_cfg = dataclasses.replace(cfg, evals=[e for e in cfg.enabled_evals if e in ("knn", "retrieval")])
         baseline = _evaluate_model(pixel_baseline(cfg.baselines.pixel_size), False, pixel_cfg, data, extract,
                                    device, {})
         metrics.update({f"baseline_pixels.{k}": v for k, v in baseline.items() if not k.startswith("data.")})
