@@ -24,6 +24,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 
+def at_least_float32(tensor: Tensor) -> Tensor:
+    """Up-cast half-precision head outputs to float32; keep float32/float64 as they are (fp64 parity tests)."""
+    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -43,7 +48,7 @@ def sinkhorn_knopp(
     valid samples (default: the number of rows); B_glob is its sum over ranks. It is all-reduced in the
     same collective as ΣQ, so ranks may hold different numbers of rows.
     """
-    q = torch.exp(teacher_logits.float() / teacher_temp).t()
+    q = torch.exp(at_least_float32(teacher_logits) / teacher_temp).t()
     n_prototypes = q.shape[0]
     local_count = q.shape[1] if n_samples is None else n_samples
     totals = torch.stack([q.sum(), torch.as_tensor(local_count, dtype=q.dtype, device=q.device).reshape(())])

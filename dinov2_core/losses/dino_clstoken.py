@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dinov2_core.losses.centering import DelayedCenterEMA, sinkhorn_knopp
+from dinov2_core.losses.centering import DelayedCenterEMA, at_least_float32, sinkhorn_knopp
 
 
 class DINOLoss(DelayedCenterEMA):
@@ -41,11 +41,11 @@ class DINOLoss(DelayedCenterEMA):
     def forward(self, student_output_list: Sequence[Tensor], teacher_out_softmaxed_centered_list: Sequence[Tensor]) -> Tensor:
         """Σ over every (student chunk, teacher chunk) pair of −mean_rows Σ_k p_k·log_softmax(s/τs)_k.
 
-        The student log-softmax is computed in float32 (as dinov3 does), whatever the head's dtype.
+        The student log-softmax is computed in at least float32 (as dinov3 does), whatever the head's dtype.
         """
-        total = torch.zeros((), device=student_output_list[0].device)
+        total = student_output_list[0].new_zeros((), dtype=torch.float32)
         for student_logits in student_output_list:
-            student_log_probs = F.log_softmax(student_logits.float() / self.student_temp, dim=-1)
+            student_log_probs = F.log_softmax(at_least_float32(student_logits) / self.student_temp, dim=-1)
             for teacher_probs in teacher_out_softmaxed_centered_list:
                 total = total - torch.sum(teacher_probs * student_log_probs, dim=-1).mean()
         return total

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dinov2_core.losses.centering import DelayedCenterEMA, sinkhorn_knopp
+from dinov2_core.losses.centering import DelayedCenterEMA, at_least_float32, sinkhorn_knopp
 
 
 class iBOTPatchLoss(DelayedCenterEMA):  # noqa: N801 - official class name, kept for the trainer
@@ -62,8 +62,8 @@ class iBOTPatchLoss(DelayedCenterEMA):  # noqa: N801 - official class name, kept
             n_masked_patches: M, to drop the padding of a static ``upperbound`` buffer.
             masks_weight: (M,) per-token weights 1/#masked(crop); derived from the masks if ``None``.
         """
-        student_log_probs = F.log_softmax(student_patch_tokens_masked.float() / self.student_temp, dim=-1)
-        negative_ce = torch.sum(teacher_patch_tokens_masked.float() * student_log_probs, dim=-1)
+        student_log_probs = F.log_softmax(at_least_float32(student_patch_tokens_masked) / self.student_temp, dim=-1)
+        negative_ce = torch.sum(at_least_float32(teacher_patch_tokens_masked) * student_log_probs, dim=-1)
         if masks_weight is None:
             per_crop_weight = 1 / student_masks_flat.sum(-1).clamp(min=1.0)
             masks_weight = per_crop_weight.unsqueeze(-1).expand_as(student_masks_flat)[student_masks_flat]

@@ -346,3 +346,22 @@ def test_official_parity_ibot_and_koleo():
     x = torch.randn(12, 9, generator=_generator(13))
     x[3] = x[7] * 2  # a duplicate direction exercises the ε path
     assert KoLeoLoss()(x).item() == pytest.approx(official.KoLeoLoss()(x).item(), abs=1e-6)
+
+
+@pytest.mark.official
+def test_official_parity_dino_fp64_to_1e10():
+    official = pytest.importorskip("dinov2.loss")
+    b, n_local = 4, 8
+    teacher_logits = torch.randn(2 * b, K, generator=_generator(400), dtype=torch.float64)
+    swapped = torch.cat(teacher_logits.chunk(2)[::-1])
+    student_global = torch.randn(2 * b, K, generator=_generator(401), dtype=torch.float64)
+    student_local = torch.randn(n_local * b, K, generator=_generator(402), dtype=torch.float64)
+    ours, theirs = DINOLoss(K), official.DINOLoss(K)
+    p_ours, p_theirs = ours.softmax_center_teacher(swapped, 0.04), theirs.softmax_center_teacher(swapped, 0.04)
+    assert p_ours.dtype == torch.float64
+    terms = dino_global_and_local_terms(ours, student_global, student_local, p_ours, teacher_order="swapped")
+    teacher_list = p_theirs.view(2, b, K)
+    local_ref = theirs(list(student_local.chunk(n_local)), teacher_list) / 18
+    global_ref = theirs([student_global], [teacher_list.flatten(0, 1)]) * 2 / 18
+    assert abs(terms.local_crops_loss.item() - local_ref.item()) <= 1e-10
+    assert abs(terms.global_crops_loss.item() - global_ref.item()) <= 1e-10
