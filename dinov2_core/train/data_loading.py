@@ -98,4 +98,7 @@ def build_train_loader(cfg: TrainConfig, rank: int, world_size: int, start_posit
         persistent_workers=workers > 0,
         pin_memory=pin_memory,
         drop_last=True,
+        # Its own generator: creating the iterator must not consume the global torch RNG (drop path),
+        # or a resumed run would diverge from an uninterrupted one.
+        generator=torch.Generator().manual_seed(cfg.train.seed),
     )
