@@ -365,3 +365,24 @@ def test_official_parity_dino_fp64_to_1e10():
     global_ref = theirs([student_global], [teacher_list.flatten(0, 1)]) * 2 / 18
     assert abs(terms.local_crops_loss.item() - local_ref.item()) <= 1e-10
     assert abs(terms.global_crops_loss.item() - global_ref.item()) <= 1e-10
+
+
+@pytest.mark.official
+def test_official_parity_sinkhorn_inside_a_process_group(tmp_path):
+    # The official iBOT Sinkhorn-Knopp always all-reduces, so it needs a (here single-rank gloo) group.
+    official = pytest.importorskip("dinov2.loss")
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        tokens = torch.randn(9, K, generator=_generator(500)) / 4
+        count = torch.tensor([9])
+        ours = iBOTPatchLoss(K).sinkhorn_knopp_teacher(tokens, 0.05, n_masked_patches_tensor=count)
+        theirs = official.iBOTPatchLoss(K).sinkhorn_knopp_teacher(tokens, 0.05, n_masked_patches_tensor=count.clone())
+        torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
+        cls = torch.randn(6, K, generator=_generator(501)) / 4
+        torch.testing.assert_close(
+            DINOLoss(K).sinkhorn_knopp_teacher(cls, 0.05), official.DINOLoss(K).sinkhorn_knopp_teacher(cls, 0.05), atol=0, rtol=0
+        )
+    finally:
+        dist.destroy_process_group()
