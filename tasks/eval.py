@@ -31,13 +31,14 @@ def execute(config: dict[str, Any], inputs: dict[str, Any], output_uri: str, sta
     artifacts: list[str] = []
     for name, eval_cfg in config["evals"].items():
         out_dir = os.path.join(output_uri, name)
-        summary = run_evaluation(from_dict(EvalConfig, eval_cfg), out_dir) or {}
-        metrics[name] = summary
+        summary = run_evaluation(from_dict(EvalConfig, eval_cfg), out_dir, title=name)
+        metrics[name] = summary["metrics"]
+        files = summary.get("files", {})
         outputs[name] = {
-            "metrics_json": os.path.join(out_dir, "metrics.json"),
-            "report": os.path.join(out_dir, "report.md"),
+            "metrics_json": files.get("metrics", ""),
+            "report": files.get("report", ""),
             "pca_maps": sorted(glob.glob(os.path.join(out_dir, "pca_*.png"))),
         }
-        artifacts += [p for p in (outputs[name]["metrics_json"], outputs[name]["report"]) if os.path.exists(p)]
+        artifacts += [p for p in (files.get("metrics"), files.get("report"), files.get("details")) if p and os.path.exists(p)]
         artifacts += outputs[name]["pca_maps"]
     return {"outputs": outputs, "metrics": metrics, "artifacts": artifacts}

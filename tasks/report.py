@@ -29,7 +29,12 @@ def evaluation_tables(results: dict[str, Any]) -> dict[str, str]:
     from dinov2_core.eval.report import markdown_table
 
     evals = (results.get("eval") or {}).get("metrics") or {}
-    return {name: markdown_table(metrics, title=name) for name, metrics in evals.items() if isinstance(metrics, dict)}
+    tables = {}
+    for name, metrics in evals.items():
+        if isinstance(metrics, dict):
+            ks = sorted({int(k.rsplit(".k", 1)[1]) for k in metrics if k.startswith("knn.top1.k")})
+            tables[name] = markdown_table(metrics, ks or (10, 20, 100, 200), title=name)
+    return tables
 
 
 def stage_table(results: dict[str, Any]) -> str:

@@ -84,7 +84,7 @@ class Tracker:
 
         now = int(time.time() * 1000)
         items = [
-            Metric(key, float(value), now, step or 0)
+            Metric(re.sub(r"[^\w.\- /:]", "_", key), float(value), now, step or 0)
             for key, value in flatten(metrics).items()
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
         ]
@@ -124,7 +124,7 @@ class Tracker:
 
         from dinov2_core.models.checkpoint_io import load_backbone
 
-        model = load_backbone(export_dir).eval()
+        model = _features_module(load_backbone(export_dir)).eval()
         size = _input_size(export_dir)
         example = torch.rand(1, 3, size, size).numpy()
         mlflow.set_tracking_uri(self.uri)
@@ -148,6 +148,22 @@ class Tracker:
             )
             out.update(registered_name=registered_name, registered_version=str(version.version))
         return out
+
+
+def _features_module(backbone):
+    """The backbone behind a one-tensor ``forward(images) -> CLS features``, which ``torch.export`` traces
+    (the backbone's own ``forward(*args, **kwargs)`` does not match MLflow's input structure)."""
+    import torch
+
+    class BackboneFeatures(torch.nn.Module):
+        def __init__(self, backbone: torch.nn.Module) -> None:
+            super().__init__()
+            self.backbone = backbone
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return self.backbone(images)
+
+    return BackboneFeatures(backbone)
 
 
 def _input_size(export_dir: str) -> int:

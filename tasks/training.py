@@ -30,7 +30,8 @@ def execute(config: dict[str, Any], inputs: dict[str, Any], output_uri: str, sta
         if plot:
             artifacts.append(plot)
     export_dir = summary.get("export_dir") or os.path.join(output_uri, "export")
-    metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    last = dict(summary.get("last_metrics") or {}, iteration=summary.get("iteration"))
+    metrics = {k: v for k, v in last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return {
         "outputs": {"dir": output_uri, "export_dir": str(export_dir), "metrics_file": metrics_file},
         "metrics": metrics,
