@@ -14,12 +14,8 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Union
-
 import torch
 from torch import Tensor
-
-RandomSource = Union[random.Random, None]
 
 _TRIES_PER_RECTANGLE = 10
 
@@ -83,7 +79,7 @@ class MaskingGenerator:
                 return newly_covered
         return 0
 
-    def __call__(self, num_masking_patches: int = 0, rng: RandomSource = None) -> Tensor:
+    def __call__(self, num_masking_patches: int = 0, rng: random.Random | None = None) -> Tensor:
         source = random if rng is None else rng
         mask = torch.zeros((self.height, self.width), dtype=torch.bool)
         count = 0

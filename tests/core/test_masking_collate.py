@@ -56,7 +56,7 @@ def test_collate_mask_statistics_follow_recipe(batch, upperbound):
     assert torch.equal(out["mask_indices_list"], masks.flatten().nonzero().flatten())
     # Token weights: 1/#masked of the owning crop, so each masked crop's weights sum to 1.
     owner = out["mask_indices_list"] // N
-    weight_per_crop = torch.zeros(2 * batch).index_add_(0, owner, out["masks_weight"].double().float())
+    weight_per_crop = torch.zeros(2 * batch).index_add_(0, owner, out["masks_weight"])
     torch.testing.assert_close(weight_per_crop[per_crop > 0], torch.ones(int((per_crop > 0).sum())))
     assert out["masks_weight"].dtype == torch.float32 and out["n_skipped"] == 0
 
