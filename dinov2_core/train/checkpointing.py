@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from dinov2_core.utils.atomic import atomic_rename_dir, atomic_write_text
@@ -119,9 +120,16 @@ class CheckpointManager:
 
             model_state = get_model_state_dict(model)
             state = {"model": model_state, "trainer": {}}
-        trainer_keys = _trainer_keys(path)
-        state["trainer"] = {key: 0 for key in trainer_keys}
-        dcp.load(state, checkpoint_id=str(path))
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+        saved = set(metadata.state_dict_metadata)
+        state["trainer"] = {key.split(".", 1)[1]: 0 for key in saved if key.startswith("trainer.")}
+        # Parameters that never received a gradient (e.g. the mask token when distilling) have no AdamW
+        # state in the checkpoint; a missing model entry is a real mismatch.
+        missing = sorted(key for key in _flat_keys({"model": state["model"]}) if key not in saved)
+        if missing:
+            raise RuntimeError(f"checkpoint {path} lacks {len(missing)} entries this model needs, e.g. {missing[:5]}; "
+                               "was it written by a run with a different model or head configuration?")
+        dcp.load(state, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
         if optimizer is not None:
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         else:
@@ -134,7 +142,13 @@ class CheckpointManager:
         return dict(state["trainer"])
 
 
-def _trainer_keys(path: Path) -> list[str]:
-    """Names of the saved ``trainer.*`` values (read from the DCP metadata)."""
-    metadata = dcp.FileSystemReader(str(path)).read_metadata()
-    return sorted({key.split(".", 1)[1] for key in metadata.state_dict_metadata if key.startswith("trainer.")})
+def _flat_keys(state: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys as DCP flattens nested dicts of tensors."""
+    keys: list[str] = []
+    for key, value in state.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            keys.extend(_flat_keys(value, name + "."))
+        else:
+            keys.append(name)
+    return keys
