@@ -52,6 +52,7 @@ def build_backbone_from_spec(spec: dict[str, Any]) -> DinoVisionTransformer:
 
 def backbone_spec(model: DinoVisionTransformer) -> dict[str, Any]:
     """The spec that rebuilds ``model`` (only for models made by a builder or ``build_backbone``)."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
     arch = getattr(model, "arch", None)
     if arch is None:
         raise ValueError("backbone_spec needs a model built by build_backbone or a vit_* builder")

@@ -173,14 +173,19 @@ class DinoVisionTransformer(nn.Module):
 
     # ---------------------------------------------------------------- tokens
     def interpolate_pos_encoding(self, x: Tensor, w: int, h: int) -> Tensor:
-        """Position embedding for an image of ``w``×``h`` pixels (official argument order: height first)."""
-        return interpolate_pos_embed(
+        """Position embedding for tokens ``x`` of an image of ``w``×``h`` pixels (official order: height first).
+
+        As in the official code, a resized embedding takes the dtype of ``x`` while the stored one is
+        returned as is, so mixed-precision results match the official backbones.
+        """
+        pos_embed = interpolate_pos_embed(
             self.pos_embed,
             w // self.patch_size,
             h // self.patch_size,
             offset=self.interpolate_offset,
             antialias=self.interpolate_antialias,
         )
+        return pos_embed if pos_embed is self.pos_embed else pos_embed.to(x.dtype)
 
     def prepare_tokens_with_masks(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
         """Image (B, C, H, W) → tokens (B, 1+R+N, D); ``masks`` (B, N) bool swaps patches for ``mask_token``."""

@@ -142,9 +142,12 @@ def test_model_uses_its_family_for_interpolation():
     plain = tiny()
     reg = tiny(num_register_tokens=2, interpolate_antialias=True, interpolate_offset=0.0)
     reg.pos_embed.data.copy_(plain.pos_embed)
-    a = plain.interpolate_pos_encoding(None, 48, 24)
-    b = reg.interpolate_pos_encoding(None, 48, 24)
+    tokens = torch.zeros(1, 1 + 18, 64, dtype=torch.bfloat16)
+    a = plain.interpolate_pos_encoding(tokens, 48, 24)
+    b = reg.interpolate_pos_encoding(tokens, 48, 24)
     assert a.shape == b.shape == (1, 1 + 6 * 3, 64) and not torch.allclose(a, b)
+    assert a.dtype == torch.bfloat16  # resized embeddings follow the token dtype (official behaviour)
+    assert plain.interpolate_pos_encoding(tokens, 32, 32) is plain.pos_embed
 
 
 # ------------------------------------------------------------------ forward
@@ -165,7 +168,7 @@ def test_outputs_layout_with_registers_and_masks():
     assert torch.allclose(out["x_prenorm"][1], plain["x_prenorm"][1], atol=1e-6)
     assert not torch.allclose(out["x_prenorm"][0], plain["x_prenorm"][0])
     tokens = model.prepare_tokens_with_masks(x, masks)
-    pos = model.interpolate_pos_encoding(None, 32, 48)
+    pos = model.interpolate_pos_encoding(tokens, 32, 48)
     assert torch.allclose(tokens[0, 4], model.mask_token[0] + pos[0, 1])  # first patch slot after 3 registers
     assert torch.equal(tokens[0, 1:4], model.register_tokens[0])  # registers carry no pos-embed
     with torch.no_grad():
@@ -303,6 +306,26 @@ def test_deepcopy_and_teacher_without_drop_path():
     spec = backbone_spec(student)
     spec["kwargs"]["drop_path_rate"] = 0.0
     assert all(getattr(b, "sample_drop_ratio", 0.0) == 0.0 for c in build_backbone_from_spec(spec).blocks for b in c)
+
+
+def test_fully_shard_per_block_with_multicrop(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model = tiny(block_chunks=0, drop_path_rate=0.0)
+        reference = copy.deepcopy(model)
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        crops = [torch.randn(2, 3, 32, 32), torch.randn(3, 3, 16, 16)]
+        with torch.no_grad():  # through forward(): FSDP2 hooks wrap forward only
+            outs, refs = model(crops, masks=None, is_training=True), reference.forward_features(crops, None)
+            assert all(torch.allclose(o["x_norm_clstoken"], r["x_norm_clstoken"], atol=1e-6) for o, r in zip(outs, refs))
+        assert backbone_spec(model) == backbone_spec(reference)
+    finally:
+        dist.destroy_process_group()
 
 
 # ------------------------------------------------------------- official parity
