@@ -46,6 +46,7 @@ class Resources:
     constraint: str | None = None
     additional: dict[str, Any] | None = None
     max_num_timeout: int | None = None
+    signal_delay_s: int | None = None
 
 
 @dataclass
@@ -68,6 +69,7 @@ class LauncherConfig:
     additional: dict[str, Any] = field(default_factory=dict)
     setup: list[str] = field(default_factory=list)
     max_num_timeout: int = 3
+    signal_delay_s: int = 90
     poll_interval_s: float = 2.0
     stages: dict[str, Resources] = field(default_factory=dict)
 

@@ -232,6 +232,7 @@ class SlurmLauncher:
             "nodes": resources.nodes,
             "tasks_per_node": resources.tasks_per_node,
             "cpus_per_task": resources.cpus_per_task,
+            "slurm_signal_delay_s": resources.signal_delay_s,
         }
         if resources.gpus_per_node:
             params["gpus_per_node"] = resources.gpus_per_node

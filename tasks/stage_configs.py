@@ -31,7 +31,13 @@ def curation_config(cfg: PipelineConfig, stage: str):
     import curation.config as module
 
     cls = getattr(module, CURATION_CONFIG_CLASSES[stage])
-    return from_dict(cls, getattr(cfg, stage).options, prefix=f"{stage}.options")
+    prefix = f"{stage}.options"
+    try:
+        return from_dict(cls, getattr(cfg, stage).options, prefix=prefix)
+    except ConfigError as err:
+        if str(err).startswith(prefix):
+            raise
+        raise ConfigError(f"{prefix}.{err}") from err
 
 
 def predicted_output(cfg: PipelineConfig, stage: str) -> dict[str, Any]:

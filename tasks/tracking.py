@@ -137,10 +137,6 @@ class Tracker:
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
                 params={k: v for k, v in scrub({"export_dir": export_dir}).items()},
             )
-            if metrics:
-                mlflow.log_metrics(
-                    {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, model_id=info.model_id
-                )
         out: dict[str, Any] = {"model_uri": info.model_uri, "model_id": info.model_id}
         if registered_name:
             version = mlflow.register_model(

@@ -11,14 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from typing import Any
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO_CONFIG = os.path.join(REPO_ROOT, "configs", "pipeline", "demo.yaml")
-PREFECT_FILE = os.path.join(REPO_ROOT, "deployments", "prefect.yaml")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,12 +40,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--experiment", default=None, help="MLflow experiment (default: dinov2-pipeline)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: from the run dirs, or $MLFLOW_TRACKING_URI)")
     p.add_argument("--max-runs", type=int, default=10)
+    p.add_argument("--metric", action="append", default=None,
+                   help="show metrics whose name contains this (repeatable; default: top1, miou, map)")
+    p.add_argument("--baselines", action="store_true", help="also show the random-init / raw-pixel baseline metrics")
     p.set_defaults(func=cmd_compare)
 
     p = subparsers.add_parser("deploy", help="register the Prefect deployments (prefect deploy) and print the worker command")
     p.add_argument("--name", action="append", default=None, help="deployment name(s) (default: all)")
     p.add_argument("--pool", default="dinov2-process", help="process work pool name")
-    p.add_argument("--prefect-file", default=PREFECT_FILE)
+    p.add_argument("--prefect-file", default=os.path.join(REPO_ROOT, "deployments", "prefect.yaml"))
     p.set_defaults(func=cmd_deploy)
 
     p = subparsers.add_parser("demo", help="the whole pipeline on a small generated image set, on this CPU")
@@ -187,7 +188,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def compare_runs(tracking_uri: str, experiment: str, run_ids: list[str], max_runs: int) -> tuple[list[str], list[dict[str, str]]]:
+def compare_runs(
+    tracking_uri: str, experiment: str, run_ids: list[str], max_runs: int,
+    metric_filter: tuple[str, ...] = ("top1", "miou", "map"), baselines: bool = False,
+) -> tuple[list[str], list[dict[str, str]]]:
     """Columns and rows: params that differ between the runs, then their metrics."""
     from mlflow import MlflowClient
 
@@ -204,7 +208,10 @@ def compare_runs(tracking_uri: str, experiment: str, run_ids: list[str], max_run
         )
     keys = sorted({k for r in runs for k in r.data.params})
     differing = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1 and not k.endswith(("work_dir", ".name"))]
-    metrics = sorted({k for r in runs for k in r.data.metrics})
+    metrics = sorted({
+        k for r in runs for k in r.data.metrics
+        if any(f in k for f in metric_filter) and (baselines or "baseline" not in k)
+    })
     columns = ["run", "name", "status", *differing, *metrics]
     rows = []
     for r in runs:
@@ -232,7 +239,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not uri:
         print("compare: give --tracking-uri (e.g. sqlite:///RUN_DIR/mlflow.db) or run directories", file=sys.stderr)
         return 2
-    columns, rows = compare_runs(uri, experiment or "dinov2-pipeline", [r for r in run_ids if r], args.max_runs)
+    columns, rows = compare_runs(uri, experiment or "dinov2-pipeline", [r for r in run_ids if r], args.max_runs,
+                                 tuple(args.metric or ("top1", "miou", "map")), args.baselines)
     if not rows:
         print("compare: no pipeline runs found")
         return 1
@@ -244,25 +252,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
         table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(*[str(row.get(c, "")) for c in columns])
-    Console(width=max(120, 14 * len(columns))).print(table)
+    Console().print(table)
     return 0
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     """``prefect work-pool create`` (if missing) + ``prefect deploy``; needs PREFECT_API_URL (a server)."""
-    if not os.environ.get("PREFECT_API_URL"):
-        print("deploy: deployments need a running Prefect server. Start one with\n"
-              "  prefect server start --host 127.0.0.1 --port 4200\n"
-              "and export PREFECT_API_URL=http://127.0.0.1:4200/api", file=sys.stderr)
+    from deployments.deploy import deploy
+
+    try:
+        deploy(args.name, args.pool, args.prefect_file)
+    except RuntimeError as err:
+        print(f"deploy: {err}", file=sys.stderr)
         return 2
-    prefect = [sys.executable, "-m", "prefect"]
-    env = dict(os.environ, PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    subprocess.run([*prefect, "work-pool", "create", args.pool, "--type", "process", "--overwrite"],
-                   cwd=REPO_ROOT, env=env, check=True)
-    names = [x for name in args.name for x in ("--name", name)] if args.name else ["--all"]
-    subprocess.run([*prefect, "--no-prompt", "deploy", "--prefect-file", args.prefect_file, *names],
-                   cwd=REPO_ROOT, env=env, check=True)
-    print(f"\nDeployments registered. Start a worker (on a node that can submit Slurm jobs):\n"
+    print(f"Deployments registered on {os.environ['PREFECT_API_URL']}. Start a worker (on a node that can run sbatch):\n"
           f"  prefect worker start --pool {args.pool}\n"
           f"Trigger a run:\n  prefect deployment run 'dinov2-pipeline/pipeline'")
     return 0

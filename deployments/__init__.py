@@ -1,0 +1,1 @@
+"""Prefect deployments of the pipeline: ``prefect.yaml`` and the helper that registers them."""
