@@ -102,3 +102,36 @@ def test_cli_random_init_run_prints_the_table(synthetic_data, tmp_path, capsys):
     assert "random init |" not in printed.replace("vit_test (random init) |", "")  # no duplicate row
     assert (tmp_path / "metrics.json").exists() and (tmp_path / "report.md").exists()
     assert main(["eval", "--output-dir", str(tmp_path / "x"), "--train", "a", "--test", "b", "knn.ks=[0]"]) == 2
+
+
+def test_retrieval_of_planted_near_duplicates_by_group_column(synthetic_data, tmp_path):
+    import numpy as np
+
+    originals = read_manifest(synthetic_data["train"].manifest_uri)[::4]
+    rng = np.random.default_rng(0)
+    queries = []
+    for i, record in enumerate(originals[:10]):
+        pixels = np.asarray(Image.open(record.uri), dtype=np.float32) + rng.normal(0, 4, (32, 32, 3))
+        path = tmp_path / f"dup_{i}.png"
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path)
+        queries.append({"uri": str(path), "group": f"g{i}"})
+    gallery = [{"uri": r.uri, "group": f"g{i}"} for i, r in enumerate(originals)]
+    write_manifest(queries, str(tmp_path / "query.jsonl"))
+    write_manifest(gallery, str(tmp_path / "gallery.jsonl"))
+    cfg = load_config(EvalConfig, TINY, [
+        "arch=vit_test", "random_init=true", "backbone_kwargs={patch_size: 8}", "evals=[retrieval]",
+        f"retrieval.query={tmp_path / 'query.jsonl'}", f"retrieval.gallery={tmp_path / 'gallery.jsonl'}",
+        "retrieval.group_column=group",
+    ])
+    metrics = run_evaluation(cfg, tmp_path / "out")["metrics"]
+    assert metrics["retrieval.num_queries"] == 10 and metrics["baseline_pixels.retrieval.num_queries"] == 10
+    assert metrics["baseline_pixels.retrieval.recall@1"] == 1.0
+    assert metrics["baseline_pixels.retrieval.map"] == pytest.approx(1.0)
+    assert 0.0 < metrics["retrieval.map"] <= 1.0
+    bad = load_config(EvalConfig, TINY, [
+        "arch=vit_test", "random_init=true", "backbone_kwargs={patch_size: 8}", "evals=[retrieval]",
+        f"retrieval.query={tmp_path / 'query.jsonl'}", f"retrieval.gallery={tmp_path / 'gallery.jsonl'}",
+        "retrieval.group_column=instance",
+    ])
+    with pytest.raises(ConfigError, match="retrieval.group_column.*instance"):
+        run_evaluation(bad, tmp_path / "bad")
