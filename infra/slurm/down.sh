@@ -35,7 +35,13 @@ stop_pidfile slurmd "$S/run/slurmd.pid.ours"
 stop_pidfile slurmctld "$S/run/slurmctld.pid.ours"
 stop_pidfile slurmdbd "$S/run/slurmdbd.pid.ours"
 stop_pidfile mariadbd "$S/run/mariadbd.pid"
-stop_pidfile munged "$S/run/munged.pid"
+# munged is machine-wide: another Slurm cluster (e.g. a second checkout's) may still need it.
+other_slurm_daemons() { ps -C slurmctld,slurmd,slurmdbd -o stat= 2>/dev/null | grep -qv '^ *Z'; }
+if [[ -s "$S/run/munged.pid" ]] && other_slurm_daemons; then
+    log "leaving munged running: other Slurm daemons on this machine use it"
+else
+    stop_pidfile munged "$S/run/munged.pid"
+fi
 remove_env slurm
 
 if ((purge)) && [[ -d "$S" ]]; then

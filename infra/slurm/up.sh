@@ -214,7 +214,8 @@ start_slurmctld() {
 }
 
 node_state() { sinfo -h -N -n "$NODE" -o %T 2>/dev/null | head -n1; }
-node_idle() { [[ "$(node_state)" == idle* ]]; }
+# Usable: responding and not drained or down (a node busy with jobs is fine).
+node_ready() { [[ "$(node_state)" =~ ^(idle|mixed|allocated|completing)$ ]]; }
 
 start_slurmd() {
     if ! pidfile_alive "$S/run/slurmd.pid.ours"; then
@@ -222,11 +223,11 @@ start_slurmd() {
     else
         log "slurmd already running"
     fi
-    if ! wait_until 30 "node $NODE to become idle" node_idle; then
+    if ! wait_until 30 "node $NODE to become ready" node_ready; then
         # A node left down/drained by an earlier unclean stop comes back with an explicit resume.
         log "node $NODE is '$(node_state)'; resuming it"
         scontrol update nodename="$NODE" state=resume || true
-        wait_until 30 "node $NODE to become idle" node_idle ||
+        wait_until 30 "node $NODE to become ready" node_ready ||
             die "node $NODE is '$(node_state)'; see $S/logs/slurmd.log and $S/logs/slurmctld.log"
     fi
 }
