@@ -198,6 +198,9 @@ def load_backbone(path_or_dir: str | os.PathLike, spec: dict[str, Any] | None = 
         weights = join_uri(path, BACKBONE_FILE)
         if spec is None:
             spec = json.loads(read_bytes(join_uri(path, SPEC_FILE)))
+    elif os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is a directory without {SPEC_FILE}; expected an export dir "
+                                f"({BACKBONE_FILE} + {SPEC_FILE}) or a .pth file")
     state = extract_backbone_state_dict(_torch_load(weights))
     if spec is None:
         spec = infer_backbone_spec(state)

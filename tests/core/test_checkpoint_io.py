@@ -70,6 +70,8 @@ def test_export_dir_and_load_backbone(tmp_path):
     x = torch.randn(1, 3, 24, 16)
     with torch.no_grad():
         assert torch.equal(source(x), loaded(x))
+    with pytest.raises(FileNotFoundError, match="without model.json"):
+        load_backbone(tmp_path)
     # the same file loads into a chunked model when the caller asks for one
     chunked = load_backbone(tmp_path / "export", spec=backbone_spec(source))
     assert chunked.chunked_blocks
