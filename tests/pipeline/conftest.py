@@ -39,8 +39,8 @@ def tiny_overrides(work_dir: str | os.PathLike, image_set: dict[str, str], *extr
         "eval.options.evals=[knn, pca]",
         "eval.options.knn.ks=[5]",
         "eval.options.pca.num_images=1",
-        "ingest.options.cluster.n_workers=1",
-        "embed.options.cluster.n_workers=1",
+        "ingest.options.cluster={n_workers: 1, processes: false}",
+        "embed.options.cluster={n_workers: 1, processes: false}",
         "tracking.system_metrics=false",
         *extra,
     ]
