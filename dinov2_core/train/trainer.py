@@ -238,7 +238,9 @@ class Trainer:
                           "peak_mem_mb": peak_memory_mb(self.ctx.device), "skipped_images": self.skipped_images,
                           "applied": verdict == "ok"}
                 metrics.log(record)
-                if (self.iteration + 1) % cfg.checkpoint.period == 0 or self.iteration == max_iter:
+                # No checkpoint inside a streak of bad steps: the one to restore must predate it.
+                due = (self.iteration + 1) % cfg.checkpoint.period == 0 or self.iteration == max_iter
+                if due and verdict == "ok":
                     last_saved = self.save(self.iteration)
                 self.iteration += 1
         finally:

@@ -113,3 +113,23 @@ def test_nan_guard_skips_restores_then_stops():
     assert guard.observe(3, {"ibot_loss": float("inf"), "total_loss": float("inf")}, can_restore=True) == "skip"
     with pytest.raises(TrainingDivergedError, match=r"iteration 4: ibot_loss=inf.*lower optim.base_lr"):
         guard.observe(4, {"ibot_loss": float("inf"), "total_loss": float("inf")}, can_restore=True)
+
+
+def test_divergence_is_skipped_restored_then_reported(tiny_dataset, tmp_path):
+    cfg = load_train_config(TINY, [f"train.dataset={tiny_dataset.manifest_uri}", "optim.base_lr=1e30",
+                                   "checkpoint.period=1", "nan_guard.max_consecutive_bad_steps=1",
+                                   "nan_guard.max_restores=1"])
+    with pytest.raises(TrainingDivergedError, match=r"non-finite loss at iteration \d+: .*total_loss=nan.*1 restore"):
+        run_training(cfg, tmp_path / "out")
+    rows = read_metrics(tmp_path / "out")
+    assert rows[0]["applied"] and not rows[-1]["applied"]
+    complete = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
+    assert all(rows[int(name)]["applied"] for name in complete)  # never checkpoint a bad step
+
+
+def test_activation_checkpointing_gives_the_same_losses(pretrain_run, tiny_dataset, tmp_path):
+    output, _ = pretrain_run
+    cfg = load_train_config(TINY, [f"train.dataset={tiny_dataset.manifest_uri}", "parallel.activation_checkpointing=true"])
+    run_training(cfg, tmp_path / "ac")
+    for plain, recomputed in zip(read_metrics(output), read_metrics(tmp_path / "ac")):
+        assert recomputed["total_loss"] == pytest.approx(plain["total_loss"], rel=1e-5)
