@@ -424,3 +424,17 @@ def test_official_blocks_with_registers(official, size):
     assert _max_diff(out["x_norm_clstoken"], expected[:, 0]) <= 1e-5
     assert _max_diff(out["x_norm_regtokens"], expected[:, 1:5]) <= 1e-5
     assert _max_diff(out["x_norm_patchtokens"], expected[:, 5:]) <= 1e-5
+
+
+@pytest.mark.official
+@pytest.mark.parametrize("arch,ffn_layer,chunks", [("vit_small", "mlp", 0), ("vit_base", "mlp", 0),
+                                                   ("vit_large", "mlp", 4), ("vit_giant2", "swiglufused", 0),
+                                                   ("vit_giant2", "swiglufused", 4)])
+def test_official_state_dict_layout_all_sizes(official, arch, ffn_layer, chunks):
+    """Same keys (in the same order) and shapes as the official builders, on the meta device."""
+    kwargs = {**HUB, "block_chunks": chunks, "ffn_layer": ffn_layer, "drop_path_uniform": True}
+    with torch.device("meta"):
+        theirs = getattr(official, arch)(**kwargs).state_dict()
+        ours = build_backbone(arch, **kwargs)
+    assert [(k, tuple(v.shape)) for k, v in theirs.items()] == [(k, tuple(v.shape)) for k, v in ours.state_dict().items()]
+    ours.load_state_dict(theirs, strict=True)

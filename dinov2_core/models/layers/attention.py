@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 from typing import Literal
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
