@@ -104,13 +104,16 @@ install_python_packages() {
     fi
     # torch/torchvision resolve from the machine's pip configuration (local wheels) via the pins in
     # pyproject.toml; constraints.txt pins everything else to a set that is known to work together.
-    (cd "$REPO_ROOT" && "$VENV_BIN/python" -m pip install -q -c requirements/constraints.txt -e ".[test]")
+    # pip warns once per package that this machine's local index has no folder for it: noise.
+    (cd "$REPO_ROOT" && "$VENV_BIN/python" -m pip install -q -c requirements/constraints.txt -e ".[test]" 2>&1) |
+        { grep -v "^WARNING: Location 'file://.*' is ignored" || true; }
     # The official dinov2 package (below) declares torch 2.0 and CUDA-only requirements on purpose.
     local conflicts
     conflicts="$("$VENV_BIN/python" -m pip check 2>&1 | grep -v -e '^dinov2 ' -e '^No broken' || true)"
     [[ -z "$conflicts" ]] || log "warning: pip check reports conflicts:"$'\n'"$conflicts"
     # The official code, only for parity tests, hence --no-deps.
-    "$VENV_BIN/python" -m pip install -q --no-deps "$OFFICIAL_DINOV2"
+    "$VENV_BIN/python" -m pip install -q --no-deps "$OFFICIAL_DINOV2" 2>&1 |
+        { grep -v "^WARNING: Location 'file://.*' is ignored" || true; }
     echo "$stamp" >"$stamp_file"
 }
 
