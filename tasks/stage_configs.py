@@ -144,7 +144,13 @@ def build(cfg: PipelineConfig, stage: str, results: dict[str, dict] | None = Non
     stage_dir = cfg.stage_dir(stage)
     launcher = launcher_section(cfg.launcher, stage)
     if stage in CURATION_STAGES:
-        config = to_dict(curation_config(cfg, stage))
+        stage_cfg = curation_config(cfg, stage)
+        if stage == "curate" and stage_cfg.mode != "balanced":
+            raise ConfigError(
+                f"curate.options.mode: {stage_cfg.mode!r} needs seed-set embeddings, which this pipeline does not "
+                "produce; allowed here: 'balanced' (run curation.curate.run_curate directly for retrieval modes)"
+            )
+        config = to_dict(stage_cfg)
         inputs: dict[str, Any] = {}
         if stage == "ingest":
             inputs = {"source": cfg.source}

@@ -176,7 +176,12 @@ def _input_size(export_dir: str) -> int:
 
 
 class MetricsForwarder:
-    """Forwards rows appended to a trainer's ``metrics.jsonl`` (rank 0) to an MLflow run, stepwise."""
+    """Forwards rows appended to a trainer's ``metrics.jsonl`` (rank 0) to an MLflow run, stepwise.
+
+    A resumed trainer truncates the file back to its checkpoint and rewrites the rows after it; the
+    forwarder notices (the file shrank or no longer ends a line where it stopped), re-reads it and only
+    forwards iterations it has not forwarded yet.
+    """
 
     def __init__(self, tracker: Tracker | None, run_id: str | None, path: str) -> None:
         self.tracker = tracker
@@ -184,12 +189,24 @@ class MetricsForwarder:
         self.path = path
         self.offset = 0
         self.last: dict[str, Any] = {}
+        self.last_iteration = -1
         self.rows = 0
 
+    def _rewritten(self, handle) -> bool:
+        handle.seek(0, os.SEEK_END)
+        if handle.tell() < self.offset:
+            return True
+        if self.offset:
+            handle.seek(self.offset - 1)
+            return handle.read(1) != b"\n"
+        return False
+
     def poll(self) -> list[dict[str, Any]]:
-        """Read complete new lines (a partially written last line is left for the next poll)."""
+        """Forward complete new lines (a partially written last line is left for the next poll)."""
         try:
             with open(self.path, "rb") as handle:
+                if self._rewritten(handle):
+                    self.offset = 0
                 handle.seek(self.offset)
                 data = handle.read()
         except OSError:
@@ -199,9 +216,12 @@ class MetricsForwarder:
         rows = []
         for line in data[:end].splitlines():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if int(row.get("iteration", self.last_iteration + 1)) > self.last_iteration:
+                rows.append(row)
+                self.last_iteration = int(row.get("iteration", self.last_iteration + 1))
         if rows and self.tracker and self.run_id:
             for row in rows:
                 step = int(row.get("iteration", 0))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 from typing import Any
 
@@ -21,6 +22,8 @@ def execute(config: dict[str, Any], inputs: dict[str, Any], output_uri: str, sta
     from dinov2_core.utils.config import from_dict
 
     cfg = from_dict(TrainConfig, config)
+    # job logs (submitit's *_log.err) then show the trainer's progress and "resumed from ..." lines
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     summary = run_training(cfg, output_uri) or {}
     rank = int(os.environ.get("RANK", "0"))
     metrics_file = os.path.join(output_uri, "metrics.jsonl")
@@ -30,8 +33,9 @@ def execute(config: dict[str, Any], inputs: dict[str, Any], output_uri: str, sta
         if plot:
             artifacts.append(plot)
     export_dir = summary.get("export_dir") or os.path.join(output_uri, "export")
+    # per-step values are forwarded from metrics.jsonl while the job runs; these are the final ones
     last = dict(summary.get("last_metrics") or {}, iteration=summary.get("iteration"))
-    metrics = {k: v for k, v in last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics = {f"final.{k}": v for k, v in last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return {
         "outputs": {"dir": output_uri, "export_dir": str(export_dir), "metrics_file": metrics_file},
         "metrics": metrics,

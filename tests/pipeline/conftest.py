@@ -39,8 +39,8 @@ def tiny_overrides(work_dir: str | os.PathLike, image_set: dict[str, str], *extr
         "eval.options.evals=[knn, pca]",
         "eval.options.knn.ks=[5]",
         "eval.options.pca.num_images=1",
-        "ingest.options.cluster={n_workers: 1, processes: false}",
-        "embed.options.cluster={n_workers: 1, processes: false}",
+        "curate.options.target_size=32",
+        "curate.options.levels=[{n_clusters: 6, n_resampling_steps: 1}, {n_clusters: 3, n_resampling_steps: 1}]",
         "tracking.system_metrics=false",
         *extra,
     ]
