@@ -2,7 +2,8 @@
 
 ``load_train_config(path, overrides)`` reads and validates a recipe from ``configs/train``;
 ``run_training(cfg, output_dir, metrics_callback=None)`` runs one phase into ``output_dir``
-(checkpoints/, metrics.jsonl, export/, config.yaml) and returns a summary dict.
+(checkpoints/, metrics.jsonl, export/, config.yaml) and returns a summary dict;
+``export_from_checkpoint(cfg, output_dir)`` re-exports from a checkpoint on demand.
 """
 
 from __future__ import annotations
@@ -19,4 +20,11 @@ def run_training(cfg: TrainConfig, output_dir: Any, metrics_callback: Any = None
     return _run(cfg, output_dir, metrics_callback)
 
 
-__all__ = ["TrainConfig", "load_train_config", "run_training"]
+def export_from_checkpoint(cfg: TrainConfig, output_dir: Any, checkpoint: Any = None) -> Any:
+    """Re-export ``<output_dir>/export`` from a checkpoint without training (newest complete one by default)."""
+    from dinov2_core.train.trainer import export_from_checkpoint as _export
+
+    return _export(cfg, output_dir, checkpoint)
+
+
+__all__ = ["TrainConfig", "export_from_checkpoint", "load_train_config", "run_training"]

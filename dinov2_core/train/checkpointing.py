@@ -27,7 +27,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from dinov2_core.utils.atomic import atomic_rename_dir, atomic_write_text
 
@@ -116,8 +121,6 @@ class CheckpointManager:
             model_state, optim_state = get_state_dict(model, optimizer)
             state = {"model": model_state, "optim": optim_state, "trainer": {}}
         else:
-            from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
             model_state = get_model_state_dict(model)
             state = {"model": model_state, "trainer": {}}
         metadata = dcp.FileSystemReader(str(path)).read_metadata()
@@ -133,8 +136,6 @@ class CheckpointManager:
         if optimizer is not None:
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         else:
-            from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
             set_model_state_dict(model, state["model"])
         rng_file = path / f"rng_rank{self.rank:05d}.pt"
         if restore_rng and rng_file.exists():

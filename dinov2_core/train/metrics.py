@@ -53,6 +53,17 @@ class MetricsLogger:
                 continue
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
+    def rewind(self, iteration: int) -> None:
+        """Forget the lines of iterations >= ``iteration`` (they are about to be re-run after a restore)."""
+        if not self.enabled:
+            return
+        self._handle.close()
+        self._truncate_from(iteration)
+        self._handle = self.path.open("a", encoding="utf-8")
+        if self._bar is not None:
+            self._bar.n = iteration
+            self._bar.refresh()
+
     def log(self, record: dict[str, Any]) -> None:
         self.last = record
         if not self.enabled:

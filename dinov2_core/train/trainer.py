@@ -228,6 +228,7 @@ class Trainer:
                     saved_iteration, _ = self.restore(latest, restore_rng=False)
                     self.data_position = position
                     self.iteration = saved_iteration + 1
+                    metrics.rewind(self.iteration)
                     log.warning("non-finite losses: restored %s, continuing at iteration %d", latest, self.iteration)
                     continue
                 if self.ctx.device.type == "cuda":
@@ -248,6 +249,26 @@ class Trainer:
         export_dir = export_model(self.meta, cfg, self.output_dir, self.ctx)
         return {"iteration": self.iteration - 1, "export_dir": str(export_dir), "checkpoint": str(last_saved or ""),
                 "last_metrics": metrics.last, "skipped_images": self.skipped_images, "rank": self.ctx.rank}
+
+
+def export_from_checkpoint(cfg: TrainConfig, output_dir: str | os.PathLike,
+                           checkpoint: str | os.PathLike | None = None) -> Path:
+    """Write ``<output_dir>/export`` from a checkpoint of a run (default: its newest complete one), without training."""
+    cfg.validate()
+    warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
+    context = init_distributed(cfg.parallel.device)
+    try:
+        seed_everything(cfg.train.seed)
+        meta = build_phase_model(cfg, context)
+        parallelize(meta, cfg, context.device)
+        manager = CheckpointManager(output_dir, cfg.checkpoint.keep_last, context.rank, context.world_size)
+        path = Path(checkpoint) if checkpoint else manager.latest()
+        if path is None:
+            raise FileNotFoundError(f"{output_dir}: no complete checkpoint to export (checkpoints/<it>/.complete)")
+        manager.load(path, meta, optimizer=None, restore_rng=False)
+        return export_model(meta, cfg, output_dir, context)
+    finally:
+        shutdown(context)
 
 
 def run_training(cfg: TrainConfig, output_dir: str | os.PathLike,

@@ -11,13 +11,15 @@ import argparse
 import json
 import logging
 
-USAGE = "dinov2-pipeline train CONFIG --output-dir DIR [--dry-run] [KEY=VALUE ...]"
+USAGE = "dinov2-pipeline train CONFIG --output-dir DIR [--dry-run | --export-only] [KEY=VALUE ...]"
 
 
 def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default=None, help="run directory: checkpoints/, metrics.jsonl, export/")
     parser.add_argument("--dry-run", action="store_true", default=None,
                         help="print the resolved, validated config and exit")
+    parser.add_argument("--export-only", action="store_true", default=None,
+                        help="write DIR/export from DIR's newest complete checkpoint, without training")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -32,7 +34,7 @@ def _run(args: argparse.Namespace) -> int:
     if not output_dir and not dry_run:
         inner.error("--output-dir is required")
 
-    from dinov2_core.train import load_train_config, run_training
+    from dinov2_core.train import export_from_checkpoint, load_train_config, run_training
 
     cfg = load_train_config(rest.config, rest.overrides)
     if dry_run:
@@ -41,6 +43,9 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(to_dict(cfg), indent=2))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if rest.export_only or args.export_only:
+        print(json.dumps({"export_dir": str(export_from_checkpoint(cfg, output_dir))}))
+        return 0
     summary = run_training(cfg, output_dir)
     if summary.get("rank", 0) == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "last_metrics"}, default=str))

@@ -138,3 +138,17 @@ def test_activation_checkpointing_gives_the_same_losses(pretrain_run, tiny_datas
     run_training(cfg, tmp_path / "ac")
     for plain, recomputed in zip(read_metrics(output), read_metrics(tmp_path / "ac")):
         assert recomputed["total_loss"] == pytest.approx(plain["total_loss"], rel=1e-5)
+
+
+def test_export_on_demand_from_checkpoint(pretrain_run, tiny_dataset, tmp_path):
+    output, _ = pretrain_run
+    copy = tmp_path / "run"
+    shutil.copytree(output, copy)
+    shutil.rmtree(copy / "export")
+    from dinov2_core.train import export_from_checkpoint
+
+    cfg = load_train_config(TINY, [f"train.dataset={tiny_dataset.manifest_uri}"])
+    export_from_checkpoint(cfg, copy)  # newest complete checkpoint = the final state
+    original = torch.load(output / "export" / "backbone.pth", weights_only=True)
+    again = torch.load(copy / "export" / "backbone.pth", weights_only=True)
+    assert original.keys() == again.keys() and all(torch.equal(original[k], again[k]) for k in original)
