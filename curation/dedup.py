@@ -1,0 +1,236 @@
+"""Deduplicate: exact duplicates by content hash, near duplicates by embedding k-NN + cosine threshold
++ connected components (one image kept per component), and decontamination against an evaluation set
+(pool components that come within a stricter threshold of any eval image are dropped whole).
+
+Outputs under ``output_uri``: ``manifest.parquet`` (kept rows), ``removed.parquet`` (row_id, uri, reason,
+kept_row_id, similarity), ``decontamination.parquet``, ``report.md`` and ``groups.png``.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import Any
+
+import numpy as np
+
+from dinov2_core.utils.atomic import atomic_write_text
+from dinov2_core.utils.config import to_dict
+from dinov2_core.utils.uri import join_uri
+
+from curation import knn
+from curation.config import DedupConfig
+from curation.embed import load_embeddings
+from curation.plots import duplicate_groups_png
+from curation.stage_io import fingerprint, finished_result, mark_finished, read_parquet, write_parquet
+
+
+def _removed_schema():
+    import pyarrow as pa
+
+    return pa.schema([("row_id", pa.int64()), ("uri", pa.string()), ("reason", pa.string()),
+                      ("kept_row_id", pa.int64()), ("similarity", pa.float32())])
+
+
+def _decontam_schema():
+    import pyarrow as pa
+
+    return pa.schema([("row_id", pa.int64()), ("uri", pa.string()), ("eval_row_id", pa.int64()),
+                      ("similarity", pa.float32())])
+
+
+def keep_order(row_ids: np.ndarray, pixels: np.ndarray, rule: str) -> np.ndarray:
+    """Positions sorted by preference: the largest resolution first (``largest``), then lowest row_id."""
+    if rule == "largest":
+        return np.lexsort((row_ids, -pixels))
+    return np.argsort(row_ids, kind="stable")
+
+
+def exact_duplicates(sha: np.ndarray, row_ids: np.ndarray, pixels: np.ndarray, rule: str) -> dict[int, int]:
+    """``{removed position: kept position}`` for identical content hashes."""
+    removed: dict[int, int] = {}
+    by_hash: dict[str, list[int]] = collections.defaultdict(list)
+    for position in keep_order(row_ids, pixels, rule):
+        by_hash[sha[position]].append(int(position))
+    for positions in by_hash.values():
+        for position in positions[1:]:
+            removed[position] = positions[0]
+    return removed
+
+
+def _pair_similarity(a: int, b: int, vectors: np.ndarray, views: np.ndarray | None) -> float:
+    if views is None:
+        return float(vectors[a] @ vectors[b])
+    return float(max((views[b] @ vectors[a]).max(), (views[a] @ vectors[b]).max()))
+
+
+def near_duplicate_edges(cfg: DedupConfig, vectors: np.ndarray, views: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Edges (i, j, similarity) between embedded items with cosine similarity above ``cfg.threshold``.
+
+    With crop views, every item's full descriptor is matched against all items' views."""
+    if views is not None:
+        n_views = views.shape[1]
+        base = views.reshape(-1, views.shape[-1])
+        owner = np.repeat(np.arange(len(vectors)), n_views)
+        k = min(2048, cfg.k * n_views)
+    else:
+        base, owner, k = vectors, None, cfg.k
+    index = knn.build_index(base, cfg.index, cfg.flat_max, cfg.ivf_nlist, cfg.ivf_nprobe, cfg.use_gpu)
+    return knn.similar_pairs(vectors, index, owner, k, cfg.threshold, cfg.query_batch)
+
+
+def contaminated_items(cfg: DedupConfig, vectors: np.ndarray, views: np.ndarray | None,
+                       eval_vectors: np.ndarray, eval_views: np.ndarray | None) -> dict[int, tuple[int, float]]:
+    """``{pool position: (eval position, similarity)}`` for pool items within ``decontam_threshold``
+    of an eval item, checked in both directions (pool image vs eval crops and eval image vs pool crops)."""
+    best: dict[int, tuple[int, float]] = {}
+
+    def note(pool: np.ndarray, ev: np.ndarray, sims: np.ndarray) -> None:
+        for p, e, s in zip(pool.tolist(), ev.tolist(), sims.tolist()):
+            if p not in best or s > best[p][1]:
+                best[p] = (e, s)
+
+    eval_base = eval_views.reshape(-1, eval_views.shape[-1]) if eval_views is not None else eval_vectors
+    eval_owner = np.repeat(np.arange(len(eval_vectors)), eval_views.shape[1]) if eval_views is not None else None
+    index = knn.build_index(eval_base, "flat" if len(eval_base) <= cfg.flat_max else "ivf", cfg.flat_max,
+                            cfg.ivf_nlist, cfg.ivf_nprobe, cfg.use_gpu)
+    k = cfg.k * (eval_views.shape[1] if eval_views is not None else 1)
+    pool, ev, sims = knn.similar_pairs(vectors, index, eval_owner, k, cfg.decontam_threshold, cfg.query_batch,
+                                       exclude_self=False)
+    note(pool, ev, sims)
+    if views is not None:
+        pool_index = knn.build_index(views.reshape(-1, views.shape[-1]), cfg.index, cfg.flat_max,
+                                     cfg.ivf_nlist, cfg.ivf_nprobe, cfg.use_gpu)
+        owner = np.repeat(np.arange(len(vectors)), views.shape[1])
+        ev2, pool2, sims2 = knn.similar_pairs(eval_vectors, pool_index, owner, k, cfg.decontam_threshold,
+                                              cfg.query_batch, exclude_self=False)
+        note(pool2, ev2, sims2)
+    return best
+
+
+def run_dedup(cfg: DedupConfig, manifest_uri: str, embeddings_uri: str, output_uri: str,
+              eval_embeddings_uri: str | None = None) -> dict[str, Any]:
+    """Remove exact and near duplicates (and eval-set contamination) from ``manifest_uri``."""
+    stage_fp = fingerprint(cfg, manifest=manifest_uri, embeddings=embeddings_uri, eval_embeddings=eval_embeddings_uri)
+    done = finished_result(output_uri, stage_fp)
+    if done is not None:
+        return done
+    started = time.perf_counter()
+    table = read_parquet(manifest_uri)
+    row_ids = np.asarray(table.column("row_id").to_pylist(), dtype=np.int64)
+    uris = table.column("uri").to_pylist()
+    n = len(row_ids)
+    pixels = (np.asarray(table.column("width").to_pylist(), dtype=np.int64)
+              * np.asarray(table.column("height").to_pylist(), dtype=np.int64)) if n else np.zeros(0, np.int64)
+    sha = np.asarray(table.column("sha256").to_pylist(), dtype=object)
+    position_of = {int(r): i for i, r in enumerate(row_ids)}
+
+    removed: dict[int, tuple[str, int | None, float]] = {}  # position -> (reason, kept position, similarity)
+    if cfg.exact and n:
+        for position, kept in exact_duplicates(sha, row_ids, pixels, cfg.keep).items():
+            removed[position] = ("exact_duplicate", kept, 1.0)
+
+    emb_ids, vectors, views = load_embeddings(embeddings_uri, with_views=True)
+    in_manifest = np.array([int(r) in position_of for r in emb_ids], dtype=bool)
+    emb_positions = np.array([position_of[int(r)] for r in emb_ids[in_manifest]], dtype=np.int64)
+    alive = np.array([p not in removed for p in emb_positions], dtype=bool)
+    emb_positions = emb_positions[alive]
+    vectors = vectors[in_manifest][alive]
+    views = views[in_manifest][alive] if views is not None else None
+
+    labels = np.arange(len(emb_positions))
+    num_edges = 0
+    if cfg.near and len(emb_positions) > 1:
+        left, right, _ = near_duplicate_edges(cfg, vectors, views)
+        num_edges = len(left)
+        labels = knn.connected_components(len(emb_positions), left, right)
+
+    contaminated: dict[int, tuple[int, float]] = {}
+    decontam_rows: list[dict[str, Any]] = []
+    if eval_embeddings_uri and len(emb_positions):
+        eval_ids, eval_vectors, eval_views = load_embeddings(eval_embeddings_uri, with_views=True)
+        if views is None:
+            eval_views = None
+        contaminated = contaminated_items(cfg, vectors, views, eval_vectors, eval_views)
+        dirty_components = {int(labels[i]) for i in contaminated}
+        for i in np.nonzero(np.isin(labels, list(dirty_components)))[0].tolist():
+            eval_index, similarity = contaminated.get(i, (-1, float("nan")))
+            position = int(emb_positions[i])
+            removed[position] = ("eval_contamination", None, similarity)
+            decontam_rows.append({"row_id": int(row_ids[position]), "uri": uris[position],
+                                  "eval_row_id": int(eval_ids[eval_index]) if eval_index >= 0 else None,
+                                  "similarity": similarity})
+
+    groups: dict[int, list[int]] = collections.defaultdict(list)
+    for i, label in enumerate(labels.tolist()):
+        if int(emb_positions[i]) not in removed:
+            groups[label].append(i)
+    example_groups = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        member_positions = emb_positions[members]
+        order = keep_order(row_ids[member_positions], pixels[member_positions], cfg.keep)
+        keeper = members[order[0]]
+        for j in order[1:]:
+            other = members[j]
+            similarity = _pair_similarity(other, keeper, vectors, views)
+            removed[int(emb_positions[other])] = ("near_duplicate", int(emb_positions[keeper]), similarity)
+        example_groups.append([members[j] for j in order])
+
+    kept_mask = np.ones(n, dtype=bool)
+    kept_mask[list(removed)] = False
+    manifest_out = join_uri(output_uri, "manifest.parquet")
+    removed_out = join_uri(output_uri, "removed.parquet")
+    decontam_out = join_uri(output_uri, "decontamination.parquet")
+    write_parquet(table.filter(kept_mask), manifest_out)
+    removed_rows = [{"row_id": int(row_ids[p]), "uri": uris[p], "reason": reason,
+                     "kept_row_id": None if kept is None else int(row_ids[kept]), "similarity": float(sim)}
+                    for p, (reason, kept, sim) in sorted(removed.items())]
+    write_parquet(removed_rows, removed_out, schema=_removed_schema())
+    decontam_rows.sort(key=lambda r: r["row_id"])
+    write_parquet(decontam_rows, decontam_out, schema=_decontam_schema())
+    if cfg.decontam_list_uri and eval_embeddings_uri:
+        write_parquet(decontam_rows, cfg.decontam_list_uri, schema=_decontam_schema())
+
+    example_groups.sort(key=lambda g: (-len(g), int(row_ids[emb_positions[g[0]]])))
+    picture = [[(uris[emb_positions[i]], f"{'kept' if rank == 0 else 'dup'} #{row_ids[emb_positions[i]]}")
+                for rank, i in enumerate(group)] for group in example_groups[: cfg.example_groups]]
+    groups_png = duplicate_groups_png(picture, join_uri(output_uri, "groups.png"))
+
+    by_reason = dict(collections.Counter(reason for reason, _, _ in removed.values()))
+    result = {
+        "manifest": manifest_out,
+        "removed": removed_out,
+        "decontamination": decontam_out,
+        "decontamination_list": cfg.decontam_list_uri if eval_embeddings_uri else None,
+        "report": join_uri(output_uri, "report.md"),
+        "groups_png": groups_png,
+        "num_input": n,
+        "num_kept": int(kept_mask.sum()),
+        "num_removed": len(removed),
+        "removed_by_reason": by_reason,
+        "num_near_edges": int(num_edges),
+        "num_duplicate_groups": len(example_groups),
+        "num_not_embedded": int(n - in_manifest.sum()),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    atomic_write_text(result["report"], _report(cfg, result, views is not None))
+    return mark_finished(output_uri, stage_fp, result)
+
+
+def _report(cfg: DedupConfig, result: dict[str, Any], crop_views: bool) -> str:
+    lines = ["# Deduplication report", "",
+             f"- input images: {result['num_input']}", f"- kept: {result['num_kept']}",
+             f"- removed: {result['num_removed']}", ""]
+    lines += ["| reason | count |", "|---|---|"]
+    for reason in ("exact_duplicate", "near_duplicate", "eval_contamination"):
+        lines.append(f"| {reason} | {result['removed_by_reason'].get(reason, 0)} |")
+    lines += ["", "## Thresholds", "",
+              f"- near duplicates: cosine similarity > {cfg.threshold} among k={cfg.k} nearest neighbours "
+              f"(crop views: {'yes' if crop_views else 'no'}), connected components, keep rule `{cfg.keep}`",
+              f"- eval decontamination: cosine similarity > {cfg.decontam_threshold}; whole components dropped",
+              f"- near-duplicate edges: {result['num_near_edges']}; duplicate groups: {result['num_duplicate_groups']}",
+              f"- rows without an embedding (kept unjudged): {result['num_not_embedded']}",
+              "", "## Config", "", "```", *(f"{k}: {v}" for k, v in to_dict(cfg).items()), "```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,178 @@
+"""Embed: L2-normalised embeddings of every manifest row, written as shards.
+
+Each shard ``shard-XXXXX`` holds ``.npy`` (float32, n×d), ``.ids.npy`` (int64 row ids) and, for the
+``pixels`` descriptor with crop views, ``.views.npy`` (n×V×d). The shard's ``._SUCCESS`` marker is
+written last, so a re-run skips finished shards and recomputes a half-written one. Shards run in
+parallel on dask workers; :func:`embed_shards` runs a group of shards in one process, which is what a
+GPU job (one Slurm task per shard group) would call.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import numpy as np
+
+from dinov2_core.data.image_io import ImageDecodeError, load_image
+from dinov2_core.utils.atomic import atomic_write_json
+from dinov2_core.utils.uri import exists, filesystem_for, join_uri, read_bytes
+
+from curation.cluster import dask_client
+from curation.config import EmbedConfig
+from curation.descriptors import load_model, model_descriptors, pixel_descriptor, resolve_device
+from curation.stage_io import fingerprint, finished_result, load_npy, mark_finished, read_parquet, save_npy
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def _shard_fingerprint(cfg: EmbedConfig, manifest_uri: str, row_ids: np.ndarray) -> str:
+    return fingerprint(cfg, manifest=manifest_uri, first=int(row_ids[0]), last=int(row_ids[-1]), n=len(row_ids))
+
+
+def _shard_done(output_uri: str, index: int, shard_fp: str) -> dict | None:
+    marker = join_uri(output_uri, shard_name(index) + "._SUCCESS")
+    if not exists(marker):
+        return None
+    try:
+        info = json.loads(read_bytes(marker))
+    except ValueError:
+        return None
+    return info if info.get("fingerprint") == shard_fp else None
+
+
+def embed_one_shard(cfg: EmbedConfig, manifest_uri: str, output_uri: str, index: int,
+                    row_ids: np.ndarray, uris: list[str]) -> dict[str, Any]:
+    """Embed one shard and commit it (files first, marker last); skipped when already finished."""
+    import torch
+
+    shard_fp = _shard_fingerprint(cfg, manifest_uri, row_ids)
+    done = _shard_done(output_uri, index, shard_fp)
+    if done is not None:
+        return {**done, "skipped": True}
+    torch.set_num_threads(cfg.torch_threads)
+    started = time.perf_counter()
+    kept_ids: list[int] = []
+    vectors: list[np.ndarray] = []
+    views: list[np.ndarray] = []
+    failed: dict[str, int] = {}
+    device = resolve_device(cfg.device) if cfg.model != "pixels" else "cpu"
+    backbone = load_model(cfg.model, cfg.checkpoint, cfg.arch, device) if cfg.model != "pixels" else None
+    pending_ids: list[int] = []
+    pending_images: list = []
+
+    def flush() -> None:
+        if pending_images:
+            vectors.extend(model_descriptors(pending_images, backbone, cfg.image_size, device))
+            kept_ids.extend(pending_ids)
+            pending_ids.clear()
+            pending_images.clear()
+
+    for row_id, uri in zip(row_ids.tolist(), uris):
+        try:
+            image = load_image(uri)
+        except ImageDecodeError as err:  # e.g. a file removed or damaged since ingest
+            failed[err.reason] = failed.get(err.reason, 0) + 1
+            continue
+        if backbone is None:
+            full, crop_views = pixel_descriptor(image, cfg.pixels_size, cfg.crop_views, cfg.crop_side, cfg.crop_grid)
+            vectors.append(full)
+            kept_ids.append(row_id)
+            if crop_views is not None:
+                views.append(crop_views)
+        else:
+            pending_ids.append(row_id)
+            pending_images.append(image)
+            if len(pending_images) >= cfg.batch_size:
+                flush()
+    flush()
+    name = shard_name(index)
+    dim = vectors[0].shape[-1] if vectors else 0
+    save_npy(np.asarray(vectors, dtype=np.float32).reshape(len(kept_ids), dim), join_uri(output_uri, name + ".npy"))
+    save_npy(np.asarray(kept_ids, dtype=np.int64), join_uri(output_uri, name + ".ids.npy"))
+    if views:
+        save_npy(np.stack(views).astype(np.float32), join_uri(output_uri, name + ".views.npy"))
+    info = {"fingerprint": shard_fp, "shard": index, "rows": len(kept_ids), "failed": failed, "dim": int(dim),
+            "views": bool(views), "seconds": round(time.perf_counter() - started, 3)}
+    atomic_write_json(join_uri(output_uri, name + "._SUCCESS"), info)
+    return {**info, "skipped": False}
+
+
+def plan_shards(cfg: EmbedConfig, manifest_uri: str) -> list[tuple[int, np.ndarray, list[str]]]:
+    """``(shard index, row ids, uris)`` for every shard of the manifest, in row order."""
+    table = read_parquet(manifest_uri)
+    row_ids = np.asarray(table.column("row_id").to_pylist(), dtype=np.int64)
+    uris = table.column("uri").to_pylist()
+    order = np.argsort(row_ids, kind="stable")
+    row_ids = row_ids[order]
+    uris = [uris[i] for i in order]
+    return [(index, row_ids[start:start + cfg.shard_size], uris[start:start + cfg.shard_size])
+            for index, start in enumerate(range(0, len(uris), cfg.shard_size))]
+
+
+def embed_shards(cfg: EmbedConfig, manifest_uri: str, output_uri: str, shard_indices: list[int] | None = None) -> list[dict]:
+    """Embed the given shards (all when ``None``) sequentially in this process — one GPU job's work."""
+    plan = plan_shards(cfg, manifest_uri)
+    wanted = set(shard_indices) if shard_indices is not None else None
+    return [embed_one_shard(cfg, manifest_uri, output_uri, index, ids, uris)
+            for index, ids, uris in plan if wanted is None or index in wanted]
+
+
+def run_embed(cfg: EmbedConfig, manifest_uri: str, output_uri: str) -> dict[str, Any]:
+    """Embed every row of ``manifest_uri`` into shards under ``output_uri`` (parallel over shards)."""
+    stage_fp = fingerprint(cfg, manifest=manifest_uri)
+    done = finished_result(output_uri, stage_fp)
+    if done is not None:
+        return done
+    plan = plan_shards(cfg, manifest_uri)
+    started = time.perf_counter()
+    with dask_client(cfg.cluster) as client:
+        futures = [client.submit(embed_one_shard, cfg, manifest_uri, output_uri, index, ids, uris, pure=False)
+                   for index, ids, uris in plan]
+        shard_infos = client.gather(futures)
+    seconds = time.perf_counter() - started
+    failed: dict[str, int] = {}
+    for info in shard_infos:
+        for reason, count in info["failed"].items():
+            failed[reason] = failed.get(reason, 0) + count
+    rows = sum(info["rows"] for info in shard_infos)
+    result = {
+        "embeddings": output_uri,
+        "num_shards": len(plan),
+        "num_embedded": rows,
+        "num_failed": sum(failed.values()),
+        "failed_by_reason": failed,
+        "dim": max((info["dim"] for info in shard_infos), default=0),
+        "model": cfg.model,
+        "shards_skipped": sum(1 for info in shard_infos if info["skipped"]),
+        "images_per_s": round(rows / seconds, 1) if seconds > 0 else None,
+    }
+    return mark_finished(output_uri, stage_fp, result)
+
+
+def load_embeddings(embeddings_uri: str, with_views: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(row_ids, embeddings, views or None)`` of every finished shard under ``embeddings_uri``.
+
+    Views are returned only when every shard has them and ``with_views`` is set."""
+    fs, root = filesystem_for(embeddings_uri)
+    markers = sorted(p for p in fs.ls(root, detail=False) if p.endswith("._SUCCESS"))
+    if not markers:
+        raise FileNotFoundError(f"no finished embedding shards (shard-XXXXX._SUCCESS) under {embeddings_uri}")
+    ids, vectors, views = [], [], []
+    for marker in markers:
+        stem = marker.rsplit("/", 1)[-1][: -len("._SUCCESS")]
+        ids.append(load_npy(join_uri(embeddings_uri, stem + ".ids.npy")))
+        vectors.append(load_npy(join_uri(embeddings_uri, stem + ".npy")))
+        view_uri = join_uri(embeddings_uri, stem + ".views.npy")
+        if with_views and views is not None and exists(view_uri):
+            views.append(load_npy(view_uri))
+        else:
+            views = None
+    dims = {v.shape[1] for v in vectors if len(v)}
+    dim = dims.pop() if dims else 0
+    all_vectors = np.concatenate([v.reshape(-1, dim) for v in vectors]).astype(np.float32, copy=False)
+    all_views = np.concatenate(views).astype(np.float32, copy=False) if views else None
+    return np.concatenate(ids), all_vectors, all_views

@@ -1,0 +1,121 @@
+"""Hierarchical k-means with resampling (DINOv2 data-curation recipe), on faiss.
+
+Level 1 clusters the embeddings; level ℓ>1 clusters the centroids of level ℓ−1. Within a level,
+step 0 is k-means on all points; each resampling step keeps ``sample_size`` points per cluster (the
+closest to their centroid, or random ones), runs a fresh k-means on that sample and reassigns all
+points. Resampling spreads centroids more evenly over the data instead of piling them into dense
+regions, which is what makes the later balanced sampling balanced.
+
+``faiss.Kmeans`` silently subsamples its training set to ``k × max_points_per_centroid``; the
+default here is raised so that every point takes part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from curation.knn import use_gpu
+
+INIT_METHODS = ("kmeans++", "afkmc2", "random")
+
+
+@dataclass
+class KMeansLevel:
+    """One level: centroids, the cluster of each input item and its squared distance to the centroid."""
+
+    centroids: np.ndarray
+    labels: np.ndarray
+    distances: np.ndarray
+
+    def members(self) -> list[np.ndarray]:
+        """Input-item indices of every cluster, sorted by distance to the centroid (closest first)."""
+        order = np.lexsort((self.distances, self.labels))
+        bounds = np.searchsorted(self.labels[order], np.arange(len(self.centroids) + 1))
+        return [order[bounds[c]:bounds[c + 1]] for c in range(len(self.centroids))]
+
+
+def kmeans(x: np.ndarray, k: int, n_iters: int, seed: int, max_points_per_centroid: int,
+           init: str = "kmeans++", gpu: Literal["auto", "never", "always"] = "never") -> np.ndarray:
+    """Centroids of one k-means run (faiss, squared L2)."""
+    import faiss
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    k = max(1, min(k, len(x)))
+    method = {"kmeans++": faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS,
+              "afkmc2": faiss.ClusteringInitMethod_AFK_MC2,
+              "random": faiss.ClusteringInitMethod_RANDOM}[init]
+    model = faiss.Kmeans(x.shape[1], k, niter=n_iters, seed=seed, verbose=False,
+                         max_points_per_centroid=max_points_per_centroid, min_points_per_centroid=1,
+                         init_method=method, gpu=use_gpu(gpu))
+    model.train(x)
+    return model.centroids.copy()
+
+
+def assign(x: np.ndarray, centroids: np.ndarray, batch: int = 262_144) -> tuple[np.ndarray, np.ndarray]:
+    """``(labels, squared distances)`` of the nearest centroid of every row of ``x``."""
+    import faiss
+
+    index = faiss.IndexFlatL2(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    labels = np.empty(len(x), dtype=np.int64)
+    distances = np.empty(len(x), dtype=np.float32)
+    for start in range(0, len(x), batch):
+        d, i = index.search(np.ascontiguousarray(x[start:start + batch], dtype=np.float32), 1)
+        labels[start:start + batch], distances[start:start + batch] = i[:, 0], d[:, 0]
+    return labels, distances
+
+
+def resample(level: KMeansLevel, sample_size: int, strategy: Literal["closest", "random"],
+             rng: np.random.Generator) -> np.ndarray:
+    """Indices of up to ``sample_size`` items per cluster (closest to the centroid, or random)."""
+    chosen = []
+    for members in level.members():
+        if len(members) <= sample_size:
+            chosen.append(members)
+        elif strategy == "closest":
+            chosen.append(members[:sample_size])
+        else:
+            chosen.append(rng.choice(members, sample_size, replace=False))
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+
+
+def kmeans_with_resampling(x: np.ndarray, n_clusters: int, n_resampling_steps: int, sample_size: int,
+                           n_iters: int, strategy: Literal["closest", "random"], seed: int,
+                           max_points_per_centroid: int, init: str = "kmeans++",
+                           gpu: Literal["auto", "never", "always"] = "never") -> KMeansLevel:
+    """One level of hierarchical k-means: plain k-means, then ``n_resampling_steps − 1`` resampling steps."""
+    rng = np.random.default_rng(seed)
+    centroids = kmeans(x, n_clusters, n_iters, seed, max_points_per_centroid, init, gpu)
+    level = KMeansLevel(centroids, *assign(x, centroids))
+    for step in range(1, n_resampling_steps):
+        per_cluster = sample_size or max(1, len(x) // (2 * len(level.centroids)))
+        sample = resample(level, per_cluster, strategy, rng)
+        centroids = kmeans(x[sample], n_clusters, n_iters, seed + step, max_points_per_centroid, init, gpu)
+        level = KMeansLevel(centroids, *assign(x, centroids))
+    return level
+
+
+def hierarchical_kmeans(x: np.ndarray, levels: list, strategy: Literal["closest", "random"] = "closest",
+                        seed: int = 0, max_points_per_centroid: int = 100_000, init: str = "kmeans++",
+                        gpu: Literal["auto", "never", "always"] = "never") -> list[KMeansLevel]:
+    """All levels, bottom first; ``levels`` items have ``n_clusters``, ``n_resampling_steps``,
+    ``sample_size`` and ``n_iters`` (see :class:`curation.config.KMeansLevelConfig`)."""
+    result: list[KMeansLevel] = []
+    data = x
+    for depth, spec in enumerate(levels):
+        level = kmeans_with_resampling(data, spec.n_clusters, max(1, spec.n_resampling_steps), spec.sample_size,
+                                       spec.n_iters, strategy, seed + 1000 * depth, max_points_per_centroid, init, gpu)
+        result.append(level)
+        data = level.centroids
+    return result
+
+
+def leaf_sizes(levels: list[KMeansLevel]) -> list[np.ndarray]:
+    """Number of data points under every cluster of every level."""
+    sizes = [np.bincount(levels[0].labels, minlength=len(levels[0].centroids))]
+    for level in levels[1:]:
+        sizes.append(np.bincount(level.labels, weights=sizes[-1], minlength=len(level.centroids)).astype(np.int64))
+    return sizes

@@ -1,0 +1,77 @@
+"""Reading and writing stage outputs (Parquet, .npy, stage results) atomically on local paths or S3.
+
+A stage is finished when its ``_RESULT.json`` exists and records the same fingerprint (config and
+inputs) as the current call; it is written last, so a half-written stage is never taken as finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from typing import Any
+
+import numpy as np
+
+from dinov2_core.utils.atomic import atomic_write_bytes, atomic_write_json
+from dinov2_core.utils.config import to_dict
+from dinov2_core.utils.uri import exists, join_uri, read_bytes
+
+RESULT_FILE = "_RESULT.json"
+
+
+def fingerprint(cfg: Any, **inputs: Any) -> str:
+    """A stable hash of a config (dataclass) and the stage inputs."""
+    payload = json.dumps({"config": to_dict(cfg), "inputs": inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def finished_result(output_uri: str, stage_fingerprint: str) -> dict[str, Any] | None:
+    """The stored result of a finished stage with the same fingerprint, else ``None``."""
+    uri = join_uri(output_uri, RESULT_FILE)
+    if not exists(uri):
+        return None
+    try:
+        stored = json.loads(read_bytes(uri))
+    except (OSError, ValueError):
+        return None
+    if stored.get("fingerprint") != stage_fingerprint:
+        return None
+    return stored.get("result")
+
+
+def mark_finished(output_uri: str, stage_fingerprint: str, result: dict[str, Any]) -> dict[str, Any]:
+    atomic_write_json(join_uri(output_uri, RESULT_FILE), {"fingerprint": stage_fingerprint, "result": result})
+    return result
+
+
+def write_parquet(table_or_rows: Any, uri: str, schema: Any = None) -> str:
+    """Write a pyarrow Table (or list of dicts) to ``uri`` atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = table_or_rows
+    if not isinstance(table, pa.Table):
+        table = pa.Table.from_pylist(list(table_or_rows), schema=schema)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    atomic_write_bytes(uri, buffer.getvalue())
+    return uri
+
+
+def read_parquet(uri: str):
+    """A pyarrow Table from a local or remote Parquet file."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(io.BytesIO(read_bytes(uri)))
+
+
+def save_npy(array: np.ndarray, uri: str) -> str:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    atomic_write_bytes(uri, buffer.getvalue())
+    return uri
+
+
+def load_npy(uri: str) -> np.ndarray:
+    return np.load(io.BytesIO(read_bytes(uri)), allow_pickle=False)
