@@ -13,6 +13,13 @@ INFRA_STATE="${DINOV2_INFRA_STATE:-$REPO_ROOT/.infra}"
 VENV="${DINOV2_VENV:-$REPO_ROOT/.venv}"
 VENV_BIN="$VENV/bin"
 
+# Interpreter for the small helpers below (port probing, HTTP health checks): any Python 3 will do.
+if [[ -x "$VENV_BIN/python" ]]; then
+    HELPER_PYTHON="$VENV_BIN/python"
+else
+    HELPER_PYTHON="$(command -v python3 || command -v python3.11 || echo python3)"
+fi
+
 log() { printf '[infra %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
@@ -92,7 +99,7 @@ wait_until() {
 # A TCP port on 127.0.0.1 nobody listens on: the preferred one if it is free, else one the kernel picks.
 free_port() {
     local preferred="$1"
-    python3 - "$preferred" <<'EOF'
+    "$HELPER_PYTHON" - "$preferred" <<'EOF'
 import socket, sys
 preferred = int(sys.argv[1])
 for port in (preferred, 0):
@@ -108,7 +115,7 @@ EOF
 
 # http_ok URL: true when GET URL answers 2xx (python, so a bare machine needs no curl).
 http_ok() {
-    python3 - "$1" <<'EOF'
+    "$HELPER_PYTHON" - "$1" <<'EOF'
 import sys, urllib.request
 try:
     with urllib.request.urlopen(sys.argv[1], timeout=2) as r:

@@ -55,19 +55,16 @@ install_system_packages() {
     fi
     # There is no init system here: keep the maintainer scripts from starting daemons; the
     # infra/*/up.sh scripts start them with private configuration instead.
-    local created_policy=0
     if [[ ! -e /usr/sbin/policy-rc.d ]]; then
         printf '#!/bin/sh\nexit 101\n' | "${sudo[@]}" tee /usr/sbin/policy-rc.d >/dev/null
         "${sudo[@]}" chmod 0755 /usr/sbin/policy-rc.d
-        created_policy=1
+        # Removed again however this script ends, so the machine's own services are not affected later.
+        trap "${sudo[*]} rm -f /usr/sbin/policy-rc.d" EXIT
     fi
     log "installing: $(echo $missing)"
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         "${SYSTEM_PACKAGES[@]}" >/dev/null
-    if ((created_policy)); then
-        "${sudo[@]}" rm -f /usr/sbin/policy-rc.d
-    fi
 }
 
 find_python() {
