@@ -139,9 +139,11 @@ def main() -> int:
     print(f"calibrated {step_s:.3f} s/step -> {epochs} x {epoch_length} iterations", flush=True)
     cfg = load_train_config(str(TRAIN_RECIPE), train_overrides(args, train_manifest, epochs, epoch_length))
     run_dir = workdir / f"pretrain-{time.strftime('%Y%m%d-%H%M%S')}"
+    load_before = os.getloadavg()[0]
     started = time.perf_counter()
     summary = run_training(cfg, str(run_dir))
     train_minutes = (time.perf_counter() - started) / 60
+    load_after = os.getloadavg()[0]
     print(f"pretraining took {train_minutes:.1f} min; export at {summary['export_dir']}", flush=True)
 
     evals = [e.strip() for e in args.evals.split(",") if e.strip()]
@@ -172,6 +174,8 @@ def main() -> int:
         "train_images": int(metrics["data.train.images"]),
         "test_images": int(metrics["data.test.images"]),
         "eval_seconds": round(metrics["eval.seconds"], 1),
+        # the CI machine is shared: a load far above the core count means fewer steps in the budget
+        "load_avg_1min_before_after_pretraining": f"{load_before:.1f} / {load_after:.1f}",
     }
     target = 85.0 if "gpu" in mach else 50.0
     notes = (f"CIFAR-10 train split into {results['train_images']} pretrain/kNN-train + {results['test_images']} "
