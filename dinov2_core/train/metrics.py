@@ -37,8 +37,10 @@ class MetricsLogger:
         self._truncate_from(start_iteration)
         self._handle = self.path.open("a", encoding="utf-8")
         if sys.stderr.isatty():
-            from tqdm.auto import tqdm
-
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:  # dinov2_core does not require tqdm; the bar is a convenience
+                return
             self._bar = tqdm(total=total_iterations, initial=start_iteration, unit="it", dynamic_ncols=True)
 
     def _truncate_from(self, start_iteration: int) -> None:
