@@ -152,3 +152,14 @@ def test_export_on_demand_from_checkpoint(pretrain_run, tiny_dataset, tmp_path):
     original = torch.load(output / "export" / "backbone.pth", weights_only=True)
     again = torch.load(copy / "export" / "backbone.pth", weights_only=True)
     assert original.keys() == again.keys() and all(torch.equal(original[k], again[k]) for k in original)
+
+
+def test_highres_from_hub_style_pth_trains_fresh_heads(pretrain_run, tiny_dataset, tmp_path):
+    output, _ = pretrain_run
+    cfg = load_train_config("configs/train/tiny_highres.yaml",
+                            [f"train.dataset={tiny_dataset.manifest_uri}",
+                             f"init_from={output / 'export' / 'backbone.pth'}",
+                             "optim.epochs=1", "train.official_epoch_length=1"])
+    run_training(cfg, tmp_path / "hr")
+    heads = torch.load(tmp_path / "hr" / "export" / "heads.pth", weights_only=True)
+    assert set(heads) == {"dino_head", "ibot_head", "config"}  # usable as a distillation teacher now
