@@ -161,7 +161,8 @@ class Trainer:
     def save(self, iteration: int) -> Path:
         return self.checkpoints.save(iteration, self.meta, self.optimizer, self.trainer_state(iteration))
 
-    def restore(self, path: Path, restore_rng: bool = True) -> int:
+    def restore(self, path: Path, restore_rng: bool = True) -> tuple[int, int]:
+        """Load a checkpoint; returns (saved iteration, saved data position)."""
         state = self.checkpoints.load(path, self.meta, self.optimizer, restore_rng=restore_rng)
         self.skipped_images = int(state.get("skipped_images", 0))
         if restore_rng and int(state.get("world_size", self.ctx.world_size)) != self.ctx.world_size:
@@ -224,9 +225,9 @@ class Trainer:
                 if verdict == "restore":
                     latest = self.checkpoints.latest()
                     # Keep the data stream moving forward: replaying the same batches would diverge the same way.
-                    position = self.data_position
+                    position, skipped = self.data_position, self.skipped_images
                     saved_iteration, _ = self.restore(latest, restore_rng=False)
-                    self.data_position = position
+                    self.data_position, self.skipped_images = position, skipped
                     self.iteration = saved_iteration + 1
                     metrics.rewind(self.iteration)
                     log.warning("non-finite losses: restored %s, continuing at iteration %d", latest, self.iteration)
