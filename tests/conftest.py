@@ -8,7 +8,8 @@ with ``DINOV2_REQUIRE_SERVICES=1`` (set by ``infra/test.sh`` and CI) it is an er
 
 Fixtures (names are stable; other test packages rely on them):
 
-- ``slurm_cluster`` (session): a :class:`SlurmCluster`; ``SLURM_CONF`` is exported for the session.
+- ``slurm_cluster`` (session): a :class:`SlurmCluster` (found through ``DINOV2_TEST_SLURM_CONF``, never
+  the ambient ``SLURM_CONF``); ``SLURM_CONF`` is exported for the session.
 - ``mlflow_server_uri`` (session): ``http://127.0.0.1:<port>`` of a live MLflow tracking server.
 - ``prefect_server_url`` (session): ``http://127.0.0.1:<port>/api`` of a live Prefect server.
 - ``s3_endpoint`` (session) / ``s3_bucket``: moto S3 (the infra one, or one started in-process).
@@ -145,9 +146,10 @@ def slurm_cluster() -> SlurmCluster:
     repository root so jobs can unpickle callables defined in test modules (``tests.*``).
     """
     start = "sudo infra/setup.sh --system && sudo infra/slurm/up.sh"
-    conf = _service_setting("SLURM_CONF")
+    # Deliberately not the ambient SLURM_CONF: on a login node that is a real cluster.
+    conf = _service_setting("DINOV2_TEST_SLURM_CONF")
     if not conf or not Path(conf).is_file():
-        _unavailable("the local Slurm cluster", "SLURM_CONF is not set or missing", start)
+        _unavailable("the local Slurm cluster", "DINOV2_TEST_SLURM_CONF is not set or missing", start)
     if shutil.which("sbatch") is None:
         _unavailable("the local Slurm cluster", "sbatch is not installed", start)
     try:

@@ -245,5 +245,5 @@ start_slurmctld
 start_slurmd
 wait_until 30 "sacct" sacct -n -X -S now-1minutes || die "sacct does not work; see $S/logs/slurmdbd.log"
 
-write_env slurm "SLURM_CONF=$SLURM_CONF"
+write_env slurm "SLURM_CONF=$SLURM_CONF" "DINOV2_TEST_SLURM_CONF=$SLURM_CONF"
 log "slurm cluster '$CLUSTER' up in $((SECONDS - start)) s: node $NODE, partitions: $(sinfo -h -o %P | tr '\n' ' ')"
