@@ -13,10 +13,16 @@ import pytest
 from tests.pipeline.conftest import load_tiny_config
 
 
-def _slurm_state(job_id: str) -> str:
-    out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job_id, "--format=State"], capture_output=True,
-                         text=True, check=True).stdout.split()
-    return out[0] if out else "UNKNOWN"
+def _slurm_state(job_id: str, wait_for: str | None = None, timeout_s: float = 60) -> str:
+    """The job's accounting state (optionally waiting for ``wait_for``: sacct lags behind the job)."""
+    deadline = time.time() + timeout_s
+    while True:
+        out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job_id, "--format=State"], capture_output=True,
+                             text=True, check=True).stdout.split()
+        state = out[0] if out else "UNKNOWN"
+        if wait_for is None or state.startswith(wait_for) or time.time() > deadline:
+            return state
+        time.sleep(1)
 
 
 @pytest.fixture
@@ -50,7 +56,7 @@ def test_pipeline_on_slurm_with_data_on_s3(tmp_path, image_set, images_on_s3, sl
     client = MlflowClient(cfg.mlflow_uri)
     for stage in ("embed", "pretrain"):
         state = json.load(open(os.path.join(cfg.stage_dir(stage), "_state.json")))
-        assert state["job"]["kind"] == "slurm" and _slurm_state(state["job"]["job_id"]) == "COMPLETED"
+        assert state["job"]["kind"] == "slurm" and _slurm_state(state["job"]["job_id"], "COMPLETED") == "COMPLETED"
         assert client.get_run(state["mlflow_run_id"]).data.tags["slurm_job_id"] == state["job"]["job_id"]
     config = json.load(open(os.path.join(cfg.stage_dir("pretrain"), "_SUCCESS.json")))["config"]
     assert config["train"]["dataset"] == manifest
@@ -92,10 +98,7 @@ def test_reattach_then_cancel_active_jobs(tmp_path, slurm_cluster):
     again = launcher.attach(str(stage_dir))  # a resumed flow finds the same job instead of submitting another
     assert again is not None and again.job_id == handle.job_id
     assert cancel_active_jobs(str(tmp_path / "run")) == [f"pretrain:{handle.job_id}"]
-    deadline = time.time() + 60
-    while time.time() < deadline and not _slurm_state(handle.job_id).startswith("CANCELLED"):
-        time.sleep(1)
-    assert _slurm_state(handle.job_id).startswith("CANCELLED")
+    assert _slurm_state(handle.job_id, "CANCELLED").startswith("CANCELLED")
     assert launcher.attach(str(stage_dir)) is None  # a cancelled job is resubmitted, not re-attached
 
 
@@ -121,5 +124,5 @@ def test_time_limit_requeues_training_and_it_completes(tmp_path, image_set, slur
     err = open(os.path.join(stage_dir, "jobs", f"{job_id}_0_log.err")).read()
     assert out.count("Starting with JobEnvironment") >= 2, "the job must have been requeued"
     assert "resumed from" in err, "the requeued job must continue from its checkpoint"
-    assert _slurm_state(job_id) == "COMPLETED"
+    assert _slurm_state(job_id, "COMPLETED") == "COMPLETED"
     assert os.path.exists(os.path.join(results["pretrain"]["outputs"]["export_dir"], "backbone.pth"))
