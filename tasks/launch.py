@@ -189,11 +189,11 @@ class LocalLauncher:
         stage restarts from its checkpoint) so that two processes never write the same outputs."""
         record = read_state(stage_dir).get("job") or {}
         if record.get("kind") == "local":
-            _stop_orphan(int(record["job_id"]))
+            stop_orphan(int(record["job_id"]))
         return None
 
 
-def _stop_orphan(pid: int, grace_s: float = 10.0) -> None:
+def stop_orphan(pid: int, grace_s: float = 10.0) -> None:
     """Terminate a leftover submitit subprocess of ours (checked by its command line, not its name)."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")

@@ -197,7 +197,7 @@ def _run_through_launcher(
 
 def cancel_active_jobs(work_dir: str) -> list[str]:
     """Cancel every job recorded as running under ``work_dir`` (flow cancellation / crash hooks)."""
-    from tasks.launch import SlurmLauncher, _stop_orphan
+    from tasks.launch import SlurmLauncher, stop_orphan
 
     cancelled = []
     for stage in sorted(os.listdir(work_dir)) if os.path.isdir(work_dir) else []:
@@ -212,7 +212,7 @@ def cancel_active_jobs(work_dir: str) -> list[str]:
                 handle.cancel()
                 cancelled.append(f"{stage}:{record['job_id']}")
         elif record.get("kind") == "local":
-            _stop_orphan(int(record["job_id"]))
+            stop_orphan(int(record["job_id"]))
             cancelled.append(f"{stage}:{record['job_id']}")
         write_state(stage_dir, status="cancelled")
     return cancelled

@@ -1,4 +1,4 @@
-"""SIGKILL the flow process while a training stage runs, resume: finished stages are not recomputed,
+"""SIGKILL the flow process while pretraining runs, resume: finished stages are not recomputed,
 the interrupted stage continues from its last checkpoint and ends exactly where an uninterrupted run ends."""
 
 from __future__ import annotations
@@ -33,44 +33,42 @@ def test_kill_during_training_then_resume(tmp_path, image_set, prefect_server_ur
     work_dir = tmp_path / "run"
     overrides = tiny_overrides(
         work_dir, image_set,
-        *[f"{s}.enabled=false" for s in ("ingest", "embed", "dedup", "curate", "distill", "eval", "report")],
-        f"source={image_set['train_manifest']}",
-        "highres.overrides=[optim.epochs=4, checkpoint.period=2]",
+        *[f"{s}.enabled=false" for s in ("embed", "dedup", "curate", "highres", "distill", "eval", "report")],
+        "pretrain.overrides=[optim.epochs=4, checkpoint.period=2]",
         "launcher.poll_interval_s=0.5", epochs=1,
     )
     env = dict(os.environ, PREFECT_API_URL=prefect_server_url, OMP_NUM_THREADS="1")
     log = open(tmp_path / "flow.log", "wb")
     flow = _cli(["run", str(DEMO_CONFIG), *overrides], env, log)
-    highres = os.path.join(work_dir, "highres")
+    pretrain = os.path.join(work_dir, "pretrain")
     deadline = time.time() + 240
-    while time.time() < deadline and not _complete_checkpoints(highres):
+    while time.time() < deadline and not _complete_checkpoints(pretrain):
         assert flow.poll() is None, open(tmp_path / "flow.log").read()[-3000:]
         time.sleep(0.3)
-    assert _complete_checkpoints(highres), "highres never wrote a checkpoint"
+    assert _complete_checkpoints(pretrain), "pretrain never wrote a checkpoint"
     flow.send_signal(signal.SIGKILL)
     flow.wait()
-    assert not os.path.exists(os.path.join(highres, "_SUCCESS.json"))
-    pretrain_done = os.path.getmtime(os.path.join(work_dir, "pretrain", "_SUCCESS.json"))
+    assert not os.path.exists(os.path.join(pretrain, "_SUCCESS.json"))
+    ingest_done = os.path.getmtime(os.path.join(work_dir, "ingest", "_SUCCESS.json"))
 
     resumed = _cli(["resume", str(work_dir)], env, log)
     assert resumed.wait(timeout=300) == 0, open(tmp_path / "flow.log").read()[-3000:]
 
-    assert os.path.getmtime(os.path.join(work_dir, "pretrain", "_SUCCESS.json")) == pretrain_done
-    assert len(glob.glob(os.path.join(work_dir, "pretrain", "jobs", "*_submitted.pkl"))) == 1
-    assert len(glob.glob(os.path.join(highres, "jobs", "*_submitted.pkl"))) == 2  # killed + resumed
-    rows = [json.loads(line) for line in open(os.path.join(highres, "metrics.jsonl"))]
+    assert os.path.getmtime(os.path.join(work_dir, "ingest", "_SUCCESS.json")) == ingest_done
+    assert len(glob.glob(os.path.join(pretrain, "jobs", "*_submitted.pkl"))) == 2  # killed + resumed
+    rows = [json.loads(line) for line in open(os.path.join(pretrain, "metrics.jsonl"))]
     assert [r["iteration"] for r in rows] == list(range(17))  # iterations 0..epochs*4 inclusive
-    job_id = json.load(open(os.path.join(highres, "_state.json")))["job"]["job_id"]
-    assert "resumed from" in open(os.path.join(highres, "jobs", f"{job_id}_0_log.err")).read()
+    job_id = json.load(open(os.path.join(pretrain, "_state.json")))["job"]["job_id"]
+    assert "resumed from" in open(os.path.join(pretrain, "jobs", f"{job_id}_0_log.err")).read()
 
     # An uninterrupted run of the same stage config ends with the same weights.
     from dinov2_core.train import run_training
     from dinov2_core.train.config import TrainConfig
     from dinov2_core.utils.config import from_dict
 
-    config = json.load(open(os.path.join(highres, "_SUCCESS.json")))["config"]
+    config = json.load(open(os.path.join(pretrain, "_SUCCESS.json")))["config"]
     reference = run_training(from_dict(TrainConfig, config), tmp_path / "reference")
-    got = torch.load(os.path.join(highres, "export", "backbone.pth"), map_location="cpu")
+    got = torch.load(os.path.join(pretrain, "export", "backbone.pth"), map_location="cpu")
     want = torch.load(os.path.join(reference["export_dir"], "backbone.pth"), map_location="cpu")
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)
