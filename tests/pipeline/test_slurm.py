@@ -35,10 +35,8 @@ def images_on_s3(image_set, s3_bucket):
 
 
 @pytest.mark.slow
-def test_pipeline_on_slurm_with_data_on_s3_and_time_limit_requeue(tmp_path, image_set, images_on_s3, slurm_cluster,
-                                                                   s3_bucket):
-    """Images and curated data on S3, embed and pretrain as Slurm jobs. Pretraining gets a 1-minute time
-    limit for more work than that: Slurm signals it, submitit requeues it, it resumes from its checkpoint."""
+def test_pipeline_on_slurm_with_data_on_s3(tmp_path, image_set, images_on_s3, slurm_cluster, s3_bucket):
+    """Images and curated data on S3; embed and pretrain run as Slurm jobs."""
     from mlflow import MlflowClient
 
     from dinov2_core.data.manifest import read_manifest_table
@@ -48,10 +46,8 @@ def test_pipeline_on_slurm_with_data_on_s3_and_time_limit_requeue(tmp_path, imag
         tmp_path / "run", image_set,
         f"source={images_on_s3}", f"data_dir={s3_bucket}/curated",
         "highres.enabled=false", "distill.enabled=false", "eval.enabled=false", "report.enabled=false",
-        "pretrain.overrides=[optim.epochs=40, checkpoint.period=4, train.batch_size_per_gpu=16]",
         "launcher.kind=slurm", f"launcher.partition={slurm_cluster.partition}", "launcher.timeout_min=10",
-        "launcher.poll_interval_s=2",
-        "launcher.stages={pretrain: {gpus_per_node: 1, timeout_min: 1, signal_delay_s: 15, max_num_timeout: 8}}",
+        "launcher.poll_interval_s=1", "launcher.stages={pretrain: {gpus_per_node: 1}}",
     )
     results = dinov2_pipeline(config=cfg)
 
@@ -63,20 +59,58 @@ def test_pipeline_on_slurm_with_data_on_s3_and_time_limit_requeue(tmp_path, imag
         state = json.load(open(os.path.join(cfg.stage_dir(stage), "_state.json")))
         assert state["job"]["kind"] == "slurm" and _slurm_state(state["job"]["job_id"], "COMPLETED") == "COMPLETED"
         assert client.get_run(state["mlflow_run_id"]).data.tags["slurm_job_id"] == state["job"]["job_id"]
-    stage_dir = cfg.stage_dir("pretrain")
-    config = json.load(open(os.path.join(stage_dir, "_SUCCESS.json")))["config"]
+    config = json.load(open(os.path.join(cfg.stage_dir("pretrain"), "_SUCCESS.json")))["config"]
     assert config["train"]["dataset"] == manifest
     assert os.path.exists(os.path.join(results["pretrain"]["outputs"]["export_dir"], "backbone.pth"))
 
+
+def _epochs_for(seconds: float, image_set, tmp_path) -> int:
+    """Trainer epochs (4 iterations each) that take about ``seconds`` on this machine as loaded as it is
+    now: the work must outlast a 1-minute Slurm time limit whether the machine is idle or busy."""
+    import time as clock
+
+    from dinov2_core.train import load_train_config, run_training
+
+    recipe = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "train", "tiny_pretrain.yaml")
+    cfg = load_train_config(recipe, [f"train.dataset={image_set['train_manifest']}", "optim.epochs=4"])
+    started = clock.perf_counter()
+    run_training(cfg, tmp_path / "calibration")
+    per_iteration = (clock.perf_counter() - started) / (cfg.max_iter + 1)  # includes set-up: errs long
+    return max(10, int(seconds / per_iteration / 4) + 1)
+
+
+@pytest.mark.slow
+def test_time_limit_requeues_training_and_it_completes(tmp_path, image_set, slurm_cluster):
+    """timeout_min=1 for more work than that: Slurm signals the job, submitit requeues it (StageJob.checkpoint)
+    and the trainer resumes from its last checkpoint until it completes."""
+    from mlflow import MlflowClient
+
+    from flows.pipeline import dinov2_pipeline
+
+    epochs = _epochs_for(40.0, image_set, tmp_path)
+    last = epochs * 4
+    cfg = load_tiny_config(
+        tmp_path / "run", image_set,
+        *[f"{s}.enabled=false" for s in ("ingest", "embed", "dedup", "curate", "highres", "distill", "eval", "report")],
+        f"source={image_set['train_manifest']}",
+        f"pretrain.overrides=[optim.epochs={epochs}, checkpoint.period=4]",
+        "launcher.kind=slurm", f"launcher.partition={slurm_cluster.partition}", "launcher.timeout_min=1",
+        "launcher.signal_delay_s=10", "launcher.max_num_timeout=10", "launcher.poll_interval_s=2",
+    )
+    results = dinov2_pipeline(config=cfg)
+    stage_dir = cfg.stage_dir("pretrain")
     rows = [json.loads(line) for line in open(os.path.join(stage_dir, "metrics.jsonl"))]
-    assert [r["iteration"] for r in rows] == list(range(161))
-    job_id = json.load(open(os.path.join(stage_dir, "_state.json")))["job"]["job_id"]
+    assert [r["iteration"] for r in rows] == list(range(last + 1))
+    state = json.load(open(os.path.join(stage_dir, "_state.json")))
+    job_id = state["job"]["job_id"]
     out = open(os.path.join(stage_dir, "jobs", f"{job_id}_0_log.out")).read()
     err = open(os.path.join(stage_dir, "jobs", f"{job_id}_0_log.err")).read()
     assert out.count("Starting with JobEnvironment") >= 2, "the job must have been requeued"
     assert "resumed from" in err, "the requeued job must continue from its checkpoint"
-    steps = [m.step for m in client.get_metric_history(state["mlflow_run_id"], "total_loss")]
-    assert steps == list(range(161)), "each iteration is forwarded to MLflow once, across requeues"
+    assert _slurm_state(job_id, "COMPLETED") == "COMPLETED"
+    assert os.path.exists(os.path.join(results["pretrain"]["outputs"]["export_dir"], "backbone.pth"))
+    steps = [m.step for m in MlflowClient(cfg.mlflow_uri).get_metric_history(state["mlflow_run_id"], "total_loss")]
+    assert steps == list(range(last + 1)), "each iteration is forwarded to MLflow once, across requeues"
 
 
 def _launcher(slurm_cluster, **resources):
