@@ -67,15 +67,15 @@ def test_pipeline_on_slurm_with_data_on_s3(tmp_path, image_set, images_on_s3, sl
 def _epochs_for(seconds: float, image_set, tmp_path) -> int:
     """Trainer epochs (4 iterations each) that take about ``seconds`` on this machine as loaded as it is
     now: the work must outlast a 1-minute Slurm time limit whether the machine is idle or busy."""
-    import time as clock
+    import statistics
 
     from dinov2_core.train import load_train_config, run_training
 
     recipe = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "train", "tiny_pretrain.yaml")
-    cfg = load_train_config(recipe, [f"train.dataset={image_set['train_manifest']}", "optim.epochs=4"])
-    started = clock.perf_counter()
+    cfg = load_train_config(recipe, [f"train.dataset={image_set['train_manifest']}", "optim.epochs=2"])
     run_training(cfg, tmp_path / "calibration")
-    per_iteration = (clock.perf_counter() - started) / (cfg.max_iter + 1)  # includes set-up: errs long
+    rows = [json.loads(line) for line in open(tmp_path / "calibration" / "metrics.jsonl")]
+    per_iteration = statistics.median(r["step_time_s"] for r in rows[2:])  # compute only: the job is slower
     return max(10, int(seconds / per_iteration / 4) + 1)
 
 
@@ -87,7 +87,8 @@ def test_time_limit_requeues_training_and_it_completes(tmp_path, image_set, slur
 
     from flows.pipeline import dinov2_pipeline
 
-    epochs = _epochs_for(40.0, image_set, tmp_path)
+    # Slurm's time-limit signal arrives anywhere from ~25 s to ~50 s into a 1-minute job
+    epochs = _epochs_for(60.0, image_set, tmp_path)
     last = epochs * 4
     cfg = load_tiny_config(
         tmp_path / "run", image_set,
@@ -95,7 +96,7 @@ def test_time_limit_requeues_training_and_it_completes(tmp_path, image_set, slur
         f"source={image_set['train_manifest']}",
         f"pretrain.overrides=[optim.epochs={epochs}, checkpoint.period=4]",
         "launcher.kind=slurm", f"launcher.partition={slurm_cluster.partition}", "launcher.timeout_min=1",
-        "launcher.signal_delay_s=10", "launcher.max_num_timeout=10", "launcher.poll_interval_s=2",
+        "launcher.signal_delay_s=10", "launcher.max_num_timeout=15", "launcher.poll_interval_s=2",
     )
     results = dinov2_pipeline(config=cfg)
     stage_dir = cfg.stage_dir("pretrain")
