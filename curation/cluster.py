@@ -35,7 +35,7 @@ def dask_client(cfg: ClusterConfig) -> Iterator["distributed.Client"]:  # noqa: 
     else:
         cluster = LocalCluster(
             n_workers=cfg.n_workers, threads_per_worker=cfg.threads_per_worker, processes=cfg.processes,
-            memory_limit=cfg.memory_limit, dashboard_address=None,
+            memory_limit=cfg.memory_limit, dashboard_address=":0",
         )
     with cluster, Client(cluster) as client:
         yield client

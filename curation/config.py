@@ -72,7 +72,7 @@ class EmbedConfig:
 
     ``model: pixels`` (default) is a non-learned thumbnail descriptor (``pixels_size``² × 3, mean-centred
     per channel) that needs no weights; with ``crop_views`` it also stores descriptors of shifted
-    crops so dedup tolerates crops. ``model: checkpoint`` loads ``checkpoint`` (our export dir or an
+    crops (and of the mirrored image with ``flip_view``) so dedup tolerates crops and flips. ``model: checkpoint`` loads ``checkpoint`` (our export dir or an
     official hub .pth); ``model: arch`` builds ``arch`` with random init (only useful for plumbing tests).
     """
 
@@ -84,6 +84,7 @@ class EmbedConfig:
     crop_views: bool = True
     crop_side: float = 0.95
     crop_grid: int = 3
+    flip_view: bool = True
     shard_size: int = 4096
     batch_size: int = 64
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -9,7 +9,8 @@ randomly initialised ViT does not separate near-duplicates from other images.
 Crops move content relative to the thumbnail grid, so the descriptor can also return *views*:
 thumbnails of a ``grid``×``grid`` set of shifted crops of side ``crop_side`` (plus the full image).
 Dedup matches an image's full thumbnail against the other images' views, which catches crops that
-keep most of the image while every comparison stays a plain inner product.
+keep most of the image (and, with the mirrored view, horizontal flips) while every comparison stays
+a plain inner product.
 """
 
 from __future__ import annotations
@@ -39,13 +40,16 @@ def _thumbnail_vector(image: Image.Image, size: int, box: tuple[float, float, fl
 
 
 def pixel_descriptor(image: Image.Image, size: int = 12, crop_views: bool = False, crop_side: float = 0.95,
-                     grid: int = 3) -> tuple[np.ndarray, np.ndarray | None]:
-    """``(descriptor (3·size²,), views (1+grid², 3·size²) or None)`` for an RGB image."""
+                     grid: int = 3, flip_view: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(descriptor (3·size²,), views or None)`` for an RGB image; views are the full thumbnail,
+    ``grid``² shifted crops and (with ``flip_view``) the mirrored image."""
     image = image.convert("RGB")
     full = _thumbnail_vector(image, size, None)
     if not crop_views:
         return full, None
     views = [full] + [_thumbnail_vector(image, size, box) for box in crop_boxes(*image.size, crop_side, grid)[1:]]
+    if flip_view:
+        views.append(_thumbnail_vector(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), size, None))
     return full, np.stack(views)
 
 
@@ -88,10 +92,13 @@ def load_model(model: str, checkpoint: str | None, arch: str, device: str):
 
 
 def model_descriptors(images: list[Image.Image], backbone, image_size: int, device: str) -> np.ndarray:
-    """L2-normalised class-token embeddings of ``images`` (resized to ``image_size``², ImageNet-normalised)."""
+    """L2-normalised class-token embeddings of ``images`` (resized to ``image_size``² rounded down to
+    whole patches, ImageNet-normalised)."""
     import torch
     from torchvision.transforms import v2
 
+    patch = int(getattr(backbone, "patch_size", 1) or 1)
+    image_size = max(patch, image_size // patch * patch)  # the backbone needs whole patches
     transform = v2.Compose([
         v2.ToImage(), v2.Resize((image_size, image_size), antialias=True), v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),

@@ -78,7 +78,8 @@ def embed_one_shard(cfg: EmbedConfig, manifest_uri: str, output_uri: str, index:
             failed[err.reason] = failed.get(err.reason, 0) + 1
             continue
         if backbone is None:
-            full, crop_views = pixel_descriptor(image, cfg.pixels_size, cfg.crop_views, cfg.crop_side, cfg.crop_grid)
+            full, crop_views = pixel_descriptor(image, cfg.pixels_size, cfg.crop_views, cfg.crop_side, cfg.crop_grid,
+                                                 cfg.flip_view)
             vectors.append(full)
             kept_ids.append(row_id)
             if crop_views is not None:
