@@ -98,11 +98,9 @@ def run_curate(cfg: CurateConfig, manifest_uri: str, embeddings_uri: str, output
             stats["levels"].append({"level": depth + 1, "n_clusters": int(len(level.centroids)),
                                     "sizes_before": before[depth].tolist(), "sizes_after": after.tolist()})
         cluster_sizes_png({"pool": before[0], "curated": after_level1}, plot_uri, "level-1 cluster sizes")
-    else:
-        retrieved_per_seed = np.zeros(0)
-        cluster_sizes_png({"retrieved": np.asarray([len(selected_ids)]), "pool": np.asarray([len(pool_ids)]),
-                           **({"per seed": retrieved_per_seed} if len(retrieved_per_seed) else {})},
-                          plot_uri, "retrieval: pool vs retrieved")
+    else:  # pure retrieval has no clusters: plot the pool against the retrieved set
+        cluster_sizes_png({"pool": np.asarray([len(pool_ids)]), "retrieved": np.asarray([len(selected_ids)])},
+                          plot_uri, "retrieval: pool vs retrieved images")
     stats["seconds"] = round(time.perf_counter() - started, 2)
     stats_uri = join_uri(output_uri, "stats.json")
     atomic_write_json(stats_uri, stats)
