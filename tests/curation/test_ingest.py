@@ -10,7 +10,8 @@ import pytest
 
 from dinov2_core.data.image_io import load_image
 
-from curation.config import IngestConfig
+from curation.config import EmbedConfig, IngestConfig
+from curation.embed import load_embeddings, run_embed
 from curation.ingest import run_ingest
 from curation.stage_io import read_parquet
 from tests.curation.conftest import TEST_CLUSTER, distinct_image, jpeg_bytes, write_corrupt_files
@@ -96,3 +97,8 @@ def test_s3_prefix_source_and_output(s3_bucket, tmp_path):
     assert rows[0]["uri"].startswith(f"{s3_bucket}/raw/a/") and rows[0]["label"] == "a"
     assert load_image(rows[0]["uri"]).size == (48, 48)
     assert run_ingest(CFG, f"{s3_bucket}/raw", f"{s3_bucket}/out") == result
+    # the next stage reads and writes S3 too: shards and markers land under the prefix
+    embed = run_embed(EmbedConfig(shard_size=4, cluster=TEST_CLUSTER), result["manifest"], f"{s3_bucket}/emb")
+    ids, vectors, views = load_embeddings(embed["embeddings"], with_views=True)
+    assert ids.tolist() == list(range(6)) and vectors.shape == (6, 432) and views.shape[:2] == (6, 11)
+    assert fs.exists(f"{s3_bucket[5:]}/emb/shard-00001._SUCCESS")
