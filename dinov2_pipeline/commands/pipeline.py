@@ -252,7 +252,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(*[str(row.get(c, "")) for c in columns])
-    Console().print(table)
+    Console(width=max(100, 24 * len(columns))).print(table)  # wide enough that metric names stay whole
     return 0
 
 

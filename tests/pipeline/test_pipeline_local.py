@@ -100,3 +100,22 @@ def test_resume_recomputes_nothing_even_without_prefect_results(finished_run):
     assert {s: os.path.getmtime(os.path.join(cfg.stage_dir(s), "_SUCCESS.json")) for s in STAGES} == stamps
     assert again["eval"]["metrics"] == results["eval"]["metrics"]
     assert {s: json.load(open(os.path.join(cfg.stage_dir(s), "_state.json")))["started_at"] for s in STAGES} == started
+
+
+@pytest.mark.slow
+def test_status_and_compare_commands(finished_run, capsys):
+    from dinov2_pipeline.cli import main
+    from dinov2_pipeline.commands.pipeline import compare_runs
+
+    cfg, results = finished_run
+    assert main(["status", cfg.work_dir, "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert {s: info["status"] for s, info in status["stages"].items()} == {s: "done" for s in STAGES}
+    assert status["run"]["status"] == "completed"
+    columns, rows = compare_runs(cfg.mlflow_uri, cfg.tracking.experiment, [], 10)
+    assert rows and "distill.knn.top1.k5" in columns
+    assert float(rows[0]["distill.knn.top1.k5"]) == pytest.approx(results["eval"]["metrics"]["distill"]["knn.top1.k5"], abs=1e-3)
+    assert not any("baseline" in c for c in columns)
+    assert main(["compare", cfg.work_dir]) == 0
+    printed = capsys.readouterr().out
+    assert "distill.knn.top1.k5" in printed and rows[0]["run"] in printed
