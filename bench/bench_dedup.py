@@ -83,7 +83,7 @@ def graph_benchmark(n: int, duplicates: int) -> None:
     from curation.dedup import near_duplicate_edges
     from curation.knn import connected_components
 
-    x, duplicate_of = mixture(n - duplicates, 384, duplicates=duplicates)
+    x, duplicate_of, _ = mixture(n - duplicates, 384, duplicates=duplicates)
     cfg = DedupConfig()
     started, cpu_started = time.perf_counter(), time.process_time()
     left, right, _ = near_duplicate_edges(cfg, x, None)

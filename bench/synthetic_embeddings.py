@@ -7,9 +7,9 @@ import numpy as np
 
 
 def mixture(n: int = 1_000_000, dim: int = 384, concepts: int = 2000, seed: int = 0,
-            duplicates: int = 0, noise: float = 0.02) -> tuple[np.ndarray, np.ndarray]:
-    """``(embeddings (n + duplicates, dim), duplicate_of)``; ``duplicate_of[i]`` is the source row of a
-    planted duplicate, -1 otherwise."""
+            duplicates: int = 0, noise: float = 0.02) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(embeddings (n + duplicates, dim), duplicate_of, concept)``; ``duplicate_of[i]`` is the source
+    row of a planted duplicate (-1 otherwise) and ``concept[i]`` the mixture component of row i."""
     rng = np.random.default_rng(seed)
     weights = 1.0 / np.arange(1, concepts + 1) ** 0.8
     sizes = rng.multinomial(n, weights / weights.sum())
@@ -26,4 +26,6 @@ def mixture(n: int = 1_000_000, dim: int = 384, concepts: int = 2000, seed: int 
             * rng.standard_normal((duplicates, dim), dtype=np.float32)
         duplicate_of[n:] = sources
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x, duplicate_of
+    concept = np.repeat(np.arange(concepts), sizes)
+    concept = np.concatenate([concept, concept[duplicate_of[n:]]]) if duplicates else concept
+    return x, duplicate_of, concept
