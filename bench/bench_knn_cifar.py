@@ -90,6 +90,7 @@ def train_overrides(args: argparse.Namespace, dataset: str, epochs: int, epoch_l
         "ibot.head_hidden_dim=512",
         f"checkpoint.period={max(epoch_length * epochs, 1)}",
         f"parallel.device={args.device}",
+        *args.train_override,
     ]
 
 
@@ -121,6 +122,10 @@ def main() -> int:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--evals", default="knn", help="comma-separated: knn,linear,logreg")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra trainer override (repeatable), e.g. train.centering=centering")
+    parser.add_argument("--max-train-images", type=int, default=None,
+                        help="evaluate with a seeded subset of the kNN train set (faster)")
     args = parser.parse_args()
 
     workdir = Path(args.workdir)
@@ -150,6 +155,7 @@ def main() -> int:
     eval_cfg = load_config(EvalConfig, str(EVAL_CONFIG), [
         f"backbone={summary['export_dir']}", f"train={train_manifest}", f"test={test_manifest}",
         f"evals=[{','.join(evals)}]", f"device={args.device}", "knn.ks=[10,20,100,200]",
+        f"max_train_images={'null' if args.max_train_images is None else args.max_train_images}",
     ])
     result = run_evaluation(eval_cfg, str(run_dir / "eval"))
     print(result["table"], flush=True)
@@ -171,6 +177,7 @@ def main() -> int:
         "arch": f"{args.arch}/{args.patch_size}",
         "batch_size": args.batch_size,
         "local_crops": args.local_crops,
+        "train_overrides": " ".join(args.train_override) or "-",
         "train_images": int(metrics["data.train.images"]),
         "test_images": int(metrics["data.test.images"]),
         "eval_seconds": round(metrics["eval.seconds"], 1),
