@@ -8,7 +8,7 @@
 # Environment:
 #   DINOV2_SKIP_SETUP=1      do not run infra/setup.sh (environment already installed)
 #   DINOV2_KEEP_SERVICES=1   leave the services running afterwards (for repeated runs)
-#   DINOV2_TEST_WALL_S=N     interrupt pytest after N seconds (under CI=true: what is left of 24 min)
+#   DINOV2_TEST_WALL_S=N     interrupt pytest after N seconds (under CI=true: what is left of 80 min)
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$REPO_ROOT"
@@ -34,9 +34,10 @@ source "$INFRA_STATE/env.sh"
 
 wall_s="${DINOV2_TEST_WALL_S:-}"
 if [[ -z "$wall_s" && "${CI:-}" == true ]]; then
-    # CI allows 25 min for everything: leave pytest what remains of 24 min, so it reports its summary
-    # and the services are stopped before CI kills the job.
-    wall_s=$((1440 - (SECONDS - total_start)))
+    # CI kills a job at 90 min. The suite's target is well under 25 min (measured in docs/infra.md), so
+    # this only guards against a hang: pytest gets what remains of 80 min, then is interrupted so it
+    # still prints its summary and the services are stopped before CI's own limit.
+    wall_s=$((4800 - (SECONDS - total_start)))
     ((wall_s >= 60)) || wall_s=60
 fi
 runner=()
