@@ -4,7 +4,7 @@
 # ephemeral API, MLflow on SQLite, local files — on a small built-in generated image set.
 #
 # Usage: bash infra/demo.sh [demo options]     e.g. --source /path/to/images  or  --source s3://bucket/prefix
-# Everything the demo writes goes under ./runs/demo (override with --work-dir).
+# Everything the demo writes goes under ./dinov2-demo (override with --work-dir).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$repo/infra/setup.sh"
