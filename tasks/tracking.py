@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import re
+from pathlib import Path
 from typing import Any, Iterator
 
 from dinov2_core.utils.config import flatten
@@ -35,6 +36,18 @@ def scrub(params: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def default_artifact_location(uri: str) -> str | None:
+    """Artifacts of an embedded SQLite store live next to the database file.
+
+    Without this MLflow uses ``./mlruns`` relative to whatever directory the process started in. A
+    tracking server decides for itself (``--artifacts-destination``), so ``None`` there.
+    """
+    if not uri.startswith("sqlite:///"):
+        return None
+    db_path = Path(uri[len("sqlite:///"):])
+    return (db_path.parent / "mlartifacts").resolve().as_uri()
+
+
 class Tracker:
     """Thin wrapper over ``MlflowClient``; every call names its run explicitly (no global active run)."""
 
@@ -45,7 +58,11 @@ class Tracker:
         self.experiment = experiment
         self.client = MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self.experiment_id = (
+            found.experiment_id
+            if found
+            else self.client.create_experiment(experiment, artifact_location=default_artifact_location(uri))
+        )
 
     def start_run(self, name: str, params: dict[str, Any], tags: dict[str, str], parent_id: str | None = None) -> str:
         from mlflow.entities import Param
