@@ -32,15 +32,18 @@ def main() -> None:
     parser.add_argument("--resampling", type=int, nargs=2, default=(2, 3))
     parser.add_argument("--init", default="kmeans++", choices=("kmeans++", "afkmc2", "random"))
     parser.add_argument("--target", type=int, default=100_000)
+    parser.add_argument("--l2", action="store_true", help="squared-L2 k-means (the recipe) instead of spherical")
+    parser.add_argument("--spread", type=float, default=1.5, help="within-concept std (0.5: separable concepts)")
     args = parser.parse_args()
 
     started = time.perf_counter()
-    x, _, concept = mixture(args.n, args.dim)
+    x, _, concept = mixture(args.n, args.dim, spread=args.spread)
     generate_s = time.perf_counter() - started
     levels_cfg = [KMeansLevelConfig(args.level1, args.resampling[0], 0, args.iters),
                   KMeansLevelConfig(args.level2, args.resampling[1], 0, args.iters)]
     started, cpu_started = time.perf_counter(), time.process_time()
-    levels = hierarchical_kmeans(x, levels_cfg, "closest", 0, max_points_per_centroid=args.n, init=args.init)
+    levels = hierarchical_kmeans(x, levels_cfg, "closest", 0, max_points_per_centroid=args.n, init=args.init,
+                                 spherical=not args.l2)
     kmeans_s = time.perf_counter() - started
     kmeans_cpu_s = time.process_time() - cpu_started
     started = time.perf_counter()
@@ -60,11 +63,11 @@ def main() -> None:
     sizes = leaf_sizes(levels)[0]
     results = {
         "n": args.n, "dim": args.dim, "levels": f"[{args.level1}, {args.level2}]", "n_iters": args.iters,
-        "resampling_steps": list(args.resampling), "init": args.init,
+        "resampling_steps": list(args.resampling), "init": args.init, "metric": "l2" if args.l2 else "spherical",
         "kmeans_s": round(kmeans_s, 1), "kmeans_cpu_s": round(kmeans_cpu_s, 1),
         "load_average_1min": round(os.getloadavg()[0], 1), "target_s": 300, "within_target": kmeans_s <= 300,
         "sampling_s": round(sampling_s, 2), "selected": int(len(chosen)),
-        "concepts": int(concept.max() + 1),
+        "concepts": int(concept.max() + 1), "spread": args.spread,
         "concept_entropy_pool": pool_balance[0], "concept_entropy_balanced": balanced_balance[0],
         "concept_entropy_random": random_balance[0],
         "largest_concept_share_pool": pool_balance[1], "largest_concept_share_balanced": balanced_balance[1],
@@ -72,7 +75,7 @@ def main() -> None:
         "level1_cluster_size_min_max": [int(sizes.min()), int(sizes.max())],
         "generate_s": round(generate_s, 1),
     }
-    record(f"hierarchical_kmeans_{args.n}", results, notes="faiss-cpu, all points used (max_points_per_centroid=n)")
+    record(f"hierarchical_kmeans_{args.n}_spread{args.spread}_{'l2' if args.l2 else 'spherical'}", results, notes="faiss-cpu, all points used (max_points_per_centroid=n)")
     print(results)
 
 

@@ -173,6 +173,7 @@ class CurateConfig:
     sampling_strategy: Literal["random", "closest"] = "random"
     retrieval_k: int = 4
     kmeans_init: Literal["kmeans++", "afkmc2", "random"] = "kmeans++"
+    spherical: bool = True  # cosine k-means on the unit-norm embeddings; false = the recipe's squared L2
     max_points_per_centroid: int = 100_000
     seed: int = 0
     use_gpu: Literal["auto", "never", "always"] = "auto"

@@ -40,7 +40,7 @@ def retrieve(pool: np.ndarray, seeds: np.ndarray, k: int, use_gpu: str = "auto")
 
 def _cluster(cfg: CurateConfig, vectors: np.ndarray) -> list[KMeansLevel]:
     return hierarchical_kmeans(vectors, cfg.levels, cfg.resampling_strategy, cfg.seed,
-                               cfg.max_points_per_centroid, cfg.kmeans_init, cfg.use_gpu)
+                               cfg.max_points_per_centroid, cfg.kmeans_init, cfg.use_gpu, cfg.spherical)
 
 
 def run_curate(cfg: CurateConfig, manifest_uri: str, embeddings_uri: str, output_uri: str,
@@ -70,7 +70,7 @@ def run_curate(cfg: CurateConfig, manifest_uri: str, embeddings_uri: str, output
     else:
         levels = _cluster(cfg, pool[candidates])
         if cfg.mode == "cluster_retrieval":
-            seed_clusters, _ = assign(seeds, levels[0].centroids)
+            seed_clusters, _ = assign(seeds, levels[0].centroids, spherical=cfg.spherical)
             hit = np.unique(seed_clusters)
             chosen = hierarchical_sampling(levels[:1], cfg.target_size, cfg.seed, cfg.sampling_strategy, hit)
         else:

@@ -6,6 +6,12 @@ closest to their centroid, or random ones), runs a fresh k-means on that sample 
 points. Resampling spreads centroids more evenly over the data instead of piling them into dense
 regions, which is what makes the later balanced sampling balanced.
 
+``spherical`` clusters by cosine with unit-norm centroids. The recipe uses squared L2; on
+L2-normalised embeddings with more concepts than clusters, L2 assignment after a resampling step
+sends every point without a nearby centroid to the centroid of smallest norm (a blend of many
+concepts), which grew one cluster to a quarter of the data in our measurements; cosine assignment
+does not have that failure.
+
 ``faiss.Kmeans`` silently subsamples its training set to ``k × max_points_per_centroid``; the
 default here is raised so that every point takes part.
 """
@@ -38,8 +44,9 @@ class KMeansLevel:
 
 
 def kmeans(x: np.ndarray, k: int, n_iters: int, seed: int, max_points_per_centroid: int,
-           init: str = "kmeans++", gpu: Literal["auto", "never", "always"] = "never") -> np.ndarray:
-    """Centroids of one k-means run (faiss, squared L2)."""
+           init: str = "kmeans++", gpu: Literal["auto", "never", "always"] = "never",
+           spherical: bool = False) -> np.ndarray:
+    """Centroids of one k-means run (faiss; squared L2, or cosine with unit centroids if ``spherical``)."""
     import faiss
 
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -49,22 +56,29 @@ def kmeans(x: np.ndarray, k: int, n_iters: int, seed: int, max_points_per_centro
               "random": faiss.ClusteringInitMethod_RANDOM}[init]
     model = faiss.Kmeans(x.shape[1], k, niter=n_iters, seed=seed, verbose=False,
                          max_points_per_centroid=max_points_per_centroid, min_points_per_centroid=1,
-                         init_method=method, gpu=use_gpu(gpu))
+                         init_method=method, gpu=use_gpu(gpu), spherical=spherical)
     model.train(x)
     return model.centroids.copy()
 
 
-def assign(x: np.ndarray, centroids: np.ndarray, batch: int = 262_144) -> tuple[np.ndarray, np.ndarray]:
-    """``(labels, squared distances)`` of the nearest centroid of every row of ``x``."""
+def assign(x: np.ndarray, centroids: np.ndarray, batch: int = 262_144,
+           spherical: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``(labels, distances)`` of the nearest centroid of every row of ``x``: squared L2, or
+    ``1 − cosine`` to the unit-normalised centroids if ``spherical``."""
     import faiss
 
-    index = faiss.IndexFlatL2(centroids.shape[1])
-    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+    if spherical:
+        centroids = centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+        index = faiss.IndexFlatIP(centroids.shape[1])
+    else:
+        index = faiss.IndexFlatL2(centroids.shape[1])
+    index.add(centroids)
     labels = np.empty(len(x), dtype=np.int64)
     distances = np.empty(len(x), dtype=np.float32)
     for start in range(0, len(x), batch):
         d, i = index.search(np.ascontiguousarray(x[start:start + batch], dtype=np.float32), 1)
-        labels[start:start + batch], distances[start:start + batch] = i[:, 0], d[:, 0]
+        labels[start:start + batch], distances[start:start + batch] = i[:, 0], (1.0 - d[:, 0]) if spherical else d[:, 0]
     return labels, distances
 
 
@@ -85,29 +99,30 @@ def resample(level: KMeansLevel, sample_size: int, strategy: Literal["closest", 
 def kmeans_with_resampling(x: np.ndarray, n_clusters: int, n_resampling_steps: int, sample_size: int,
                            n_iters: int, strategy: Literal["closest", "random"], seed: int,
                            max_points_per_centroid: int, init: str = "kmeans++",
-                           gpu: Literal["auto", "never", "always"] = "never") -> KMeansLevel:
+                           gpu: Literal["auto", "never", "always"] = "never", spherical: bool = False) -> KMeansLevel:
     """One level of hierarchical k-means: plain k-means, then ``n_resampling_steps − 1`` resampling steps."""
     rng = np.random.default_rng(seed)
-    centroids = kmeans(x, n_clusters, n_iters, seed, max_points_per_centroid, init, gpu)
-    level = KMeansLevel(centroids, *assign(x, centroids))
+    centroids = kmeans(x, n_clusters, n_iters, seed, max_points_per_centroid, init, gpu, spherical)
+    level = KMeansLevel(centroids, *assign(x, centroids, spherical=spherical))
     for step in range(1, n_resampling_steps):
         per_cluster = sample_size or max(1, len(x) // (2 * len(level.centroids)))
         sample = resample(level, per_cluster, strategy, rng)
-        centroids = kmeans(x[sample], n_clusters, n_iters, seed + step, max_points_per_centroid, init, gpu)
-        level = KMeansLevel(centroids, *assign(x, centroids))
+        centroids = kmeans(x[sample], n_clusters, n_iters, seed + step, max_points_per_centroid, init, gpu, spherical)
+        level = KMeansLevel(centroids, *assign(x, centroids, spherical=spherical))
     return level
 
 
 def hierarchical_kmeans(x: np.ndarray, levels: list, strategy: Literal["closest", "random"] = "closest",
                         seed: int = 0, max_points_per_centroid: int = 100_000, init: str = "kmeans++",
-                        gpu: Literal["auto", "never", "always"] = "never") -> list[KMeansLevel]:
+                        gpu: Literal["auto", "never", "always"] = "never", spherical: bool = False) -> list[KMeansLevel]:
     """All levels, bottom first; ``levels`` items have ``n_clusters``, ``n_resampling_steps``,
     ``sample_size`` and ``n_iters`` (see :class:`curation.config.KMeansLevelConfig`)."""
     result: list[KMeansLevel] = []
     data = x
     for depth, spec in enumerate(levels):
         level = kmeans_with_resampling(data, spec.n_clusters, max(1, spec.n_resampling_steps), spec.sample_size,
-                                       spec.n_iters, strategy, seed + 1000 * depth, max_points_per_centroid, init, gpu)
+                                       spec.n_iters, strategy, seed + 1000 * depth, max_points_per_centroid, init, gpu,
+                                       spherical)
         result.append(level)
         data = level.centroids
     return result

@@ -4,6 +4,7 @@ consistency, and better balance than random sampling on an imbalanced mixture.""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from curation.config import KMeansLevelConfig
 from curation.kmeans import hierarchical_kmeans, leaf_sizes
@@ -36,9 +37,13 @@ def test_hierarchy_is_consistent():
     assert sizes[0].sum() == sizes[1].sum() == len(x)
 
 
-def test_balanced_sampling_hits_target_and_beats_random():
+@pytest.mark.parametrize("spherical", [False, True])
+def test_balanced_sampling_hits_target_and_beats_random(spherical):
     x, concept = imbalanced_mixture()
-    levels = hierarchical_kmeans(x, [KMeansLevelConfig(60, 3, 0, 15), KMeansLevelConfig(15, 3, 0, 15)], seed=0)
+    if spherical:
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    levels = hierarchical_kmeans(x, [KMeansLevelConfig(60, 3, 0, 15), KMeansLevelConfig(15, 3, 0, 15)], seed=0,
+                                 spherical=spherical)
     target = 400
     chosen = hierarchical_sampling(levels, target, seed=0)
     assert len(chosen) == target and len(np.unique(chosen)) == target
