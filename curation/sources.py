@@ -98,3 +98,22 @@ def tar_shards(source: str) -> list[str]:
 
 def is_local(source: str) -> bool:
     return not is_remote(source)
+
+
+def listing_digest(source: str) -> str:
+    """A hash of what ``source`` holds now: every file's path, size and modification stamp.
+
+    Part of ingest's fingerprint, so a scheduled re-run notices images that were added, removed or
+    replaced under an unchanged source URI and re-ingests (everything downstream then follows).
+    """
+    import hashlib
+
+    fs, root = filesystem_for(source)
+    info = fs.info(root)
+    entries = fs.find(root, detail=True) if info.get("type") == "directory" else {root: info}
+    digest = hashlib.sha256()
+    for path in sorted(entries):
+        detail = entries[path]
+        stamp = detail.get("ETag") or detail.get("mtime") or detail.get("LastModified") or detail.get("last_modified")
+        digest.update(f"{path}\t{detail.get('size')}\t{stamp}\n".encode("utf-8"))
+    return digest.hexdigest()

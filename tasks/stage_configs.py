@@ -154,6 +154,11 @@ def build(cfg: PipelineConfig, stage: str, results: dict[str, dict] | None = Non
         inputs: dict[str, Any] = {}
         if stage == "ingest":
             inputs = {"source": cfg.source}
+            if not placeholders:
+                # new or replaced images under the same source URI make ingest (and all after it) rerun
+                from curation.sources import listing_digest
+
+                inputs["listing"] = listing_digest(cfg.source)
         else:
             manifest, provenance = upstream_manifest(cfg, results, stage)
             inputs = {"manifest": manifest, "upstream": provenance}

@@ -55,6 +55,16 @@ def test_rerun_reuses_finished_output_and_recomputes_a_changed_config(image_fold
     assert changed["num_images"] == first["num_images"] + 1  # huge.png now accepted
 
 
+def test_rerun_notices_images_added_under_the_same_source(image_folder, tmp_path):
+    root, _ = image_folder
+    out = str(tmp_path / "out")
+    first = run_ingest(CFG, root, out)
+    class_dir = next(entry.path for entry in os.scandir(root) if entry.is_dir())
+    distinct_image(999).save(os.path.join(class_dir, "new.png"))
+    again = run_ingest(CFG, root, out)
+    assert again["num_images"] == first["num_images"] + 1
+
+
 def test_file_list_and_tar_shards(tmp_path):
     images = tmp_path / "imgs"
     images.mkdir()

@@ -1,4 +1,4 @@
-"""MLflow artifacts of an embedded SQLite store stay next to the database, never in ./mlruns."""
+"""Stage inputs and MLflow storage: source listings feed the ingest hash; SQLite artifacts stay next to the DB."""
 
 from __future__ import annotations
 
@@ -21,3 +21,20 @@ def test_sqlite_store_keeps_artifacts_next_to_the_database(tmp_path, monkeypatch
     assert any((tmp_path / "track" / "mlartifacts").rglob("note.txt"))
     assert not (tmp_path / "mlruns").exists()
     assert default_artifact_location("http://127.0.0.1:5000") is None
+
+
+def test_ingest_input_hash_follows_the_source_contents(tmp_path):
+    """A scheduled run over the same source URI re-ingests when images were added."""
+    from PIL import Image
+
+    from tasks import stage_configs
+    from tasks.config import load_pipeline_config
+
+    source = tmp_path / "images"
+    source.mkdir()
+    Image.new("RGB", (8, 8), "red").save(source / "a.png")
+    cfg = load_pipeline_config("configs/pipeline/demo.yaml", [f"work_dir={tmp_path}/run", f"source={source}", f"eval.val_manifest={source}"])
+    before = stage_configs.build(cfg, "ingest").input_hash()
+    assert stage_configs.build(cfg, "ingest").input_hash() == before
+    Image.new("RGB", (8, 8), "blue").save(source / "b.png")
+    assert stage_configs.build(cfg, "ingest").input_hash() != before
