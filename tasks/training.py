@@ -1,4 +1,4 @@
-"""Entry point of a training job (pretrain, highres, distill) and its loss-curve plot.
+"""Training stages (pretrain, highres, distill): the task body, the job entry point and the loss-curve plot.
 
 Runs wherever the launcher put it (a local subprocess or every rank of a Slurm job). The trainer
 resumes from the newest complete checkpoint in its output directory, so this function is safe to
@@ -14,6 +14,25 @@ import os
 from typing import Any
 
 LOSS_CURVE = "loss_curve.png"
+
+
+def run_training_stage(spec, run_context) -> dict[str, Any]:
+    """The body of the pretrain, highres and distill tasks: :func:`execute` as a heavy, distributed job
+    through the launcher, with progress followed from the job's ``metrics.jsonl``."""
+    from dinov2_core.train.config import TrainConfig
+    from dinov2_core.utils.config import from_dict
+    from tasks.runner import run_stage
+
+    total = from_dict(TrainConfig, spec.config).max_iter + 1
+    return run_stage(
+        spec,
+        run_context,
+        target="tasks.training:execute",
+        heavy=True,
+        distributed=True,
+        progress_total=total,
+        metrics_file=os.path.join(spec.stage_dir, "metrics.jsonl"),
+    )
 
 
 def execute(config: dict[str, Any], inputs: dict[str, Any], output_uri: str, stage_dir: str) -> dict[str, Any]:
