@@ -53,7 +53,13 @@ def machine() -> dict[str, Any]:
 
 
 def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in ["python", *sys.argv])
+    """The command that reproduces this run, from the repository root."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None:  # started with ``python -m bench.<name>``
+        head = ["python", "-m", spec.name]
+    else:
+        head = ["python", os.path.relpath(sys.argv[0], BENCH_DIR.parent)]
+    return " ".join(shlex.quote(a) for a in [*head, *sys.argv[1:]])
 
 
 def _fmt(value: Any) -> str:
