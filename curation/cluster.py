@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Iterator
 
 from dinov2_core.utils.config import ConfigError
@@ -13,12 +14,20 @@ from curation.config import ClusterConfig
 @contextlib.contextmanager
 def dask_client(cfg: ClusterConfig) -> Iterator["distributed.Client"]:  # noqa: F821
     """A ``distributed.Client`` for ``cfg``; clusters started here are closed on exit."""
-    from distributed import Client, LocalCluster
+    with _dask_info_logs_silenced():
+        from distributed import Client
 
-    if cfg.kind == "address":
-        with Client(cfg.address) as client:
+        if cfg.kind == "address":
+            with Client(cfg.address) as client:
+                yield client
+            return
+        with _start_cluster(cfg) as cluster, Client(cluster) as client:
             yield client
-        return
+
+
+def _start_cluster(cfg: ClusterConfig):
+    from distributed import LocalCluster
+
     if cfg.kind == "slurm":
         try:
             from dask_jobqueue import SLURMCluster
@@ -32,10 +41,23 @@ def dask_client(cfg: ClusterConfig) -> Iterator["distributed.Client"]:  # noqa: 
             cores=cfg.slurm_cores, memory=cfg.slurm_memory, processes=cfg.n_workers,
         )
         cluster.scale(jobs=cfg.slurm_jobs)
-    else:
-        cluster = LocalCluster(
-            n_workers=cfg.n_workers, threads_per_worker=cfg.threads_per_worker, processes=cfg.processes,
-            memory_limit=cfg.memory_limit, dashboard_address=":0",
-        )
-    with cluster, Client(cluster) as client:
-        yield client
+        return cluster
+    return LocalCluster(
+        n_workers=cfg.n_workers, threads_per_worker=cfg.threads_per_worker, processes=cfg.processes,
+        memory_limit=cfg.memory_limit, dashboard_address=":0",
+    )
+
+
+@contextlib.contextmanager
+def _dask_info_logs_silenced() -> Iterator[None]:
+    """Cluster start/stop chatter (dozens of INFO lines per stage) would bury the pipeline's own
+    progress; warnings and errors still show."""
+    import distributed  # noqa: F401  (importing it installs dask's logging config, which we then override)
+
+    logger = logging.getLogger("distributed")
+    previous = logger.level
+    logger.setLevel(max(previous, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
