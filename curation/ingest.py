@@ -147,7 +147,8 @@ def run_ingest(cfg: IngestConfig, source: str, output_uri: str) -> dict[str, Any
     kind = cfg.source_kind if cfg.source_kind != "auto" else sources.detect_kind(source)
     if kind == "filelist" and not source.lower().endswith(sources.MANIFEST_SUFFIXES):
         raise ConfigError(f"source_kind: 'filelist' needs a file ending in {list(sources.MANIFEST_SUFFIXES)}, got {source!r}")
-    stage_fp = fingerprint(cfg, source=source, kind=kind, listing=sources.listing_digest(source))
+    # the fingerprint stamps ``source`` with its current listing: added or replaced images re-ingest
+    stage_fp = fingerprint(cfg, source=source, kind=kind)
     done = finished_result(output_uri, stage_fp)
     if done is not None:
         return done

@@ -103,12 +103,15 @@ def is_local(source: str) -> bool:
 def listing_digest(source: str) -> str:
     """A hash of what ``source`` holds now: every file's path, size and modification stamp.
 
-    Part of ingest's fingerprint, so a scheduled re-run notices images that were added, removed or
-    replaced under an unchanged source URI and re-ingests (everything downstream then follows).
+    Every stage fingerprints its inputs with it (``stage_io.content_identity``), so a scheduled re-run
+    notices images that were added, removed or replaced under an unchanged source URI and re-ingests,
+    and each stage after ingest notices that its input was rewritten at the same URI.
     """
     import hashlib
 
     fs, root = filesystem_for(source)
+    # object-store filesystems cache listings per process; another process may have rewritten the objects
+    fs.invalidate_cache(root)
     info = fs.info(root)
     entries = fs.find(root, detail=True) if info.get("type") == "directory" else {root: info}
     digest = hashlib.sha256()

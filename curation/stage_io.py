@@ -2,6 +2,9 @@
 
 A stage is finished when its ``_RESULT.json`` exists and records the same fingerprint (config and
 inputs) as the current call; it is written last, so a half-written stage is never taken as finished.
+An input that names an existing file, directory or object enters the fingerprint with its content
+identity (sizes and modification stamps or ETags), because upstream stages rewrite their outputs at
+the same URI: a re-ingested ``manifest.parquet`` must make every stage after it recompute.
 """
 
 from __future__ import annotations
@@ -9,20 +12,43 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from typing import Any
 
 import numpy as np
 
 from dinov2_core.utils.atomic import atomic_write_bytes, atomic_write_json
 from dinov2_core.utils.config import to_dict
-from dinov2_core.utils.uri import exists, join_uri, read_bytes
+from dinov2_core.utils.uri import exists, is_remote, join_uri, read_bytes
+
+from curation.sources import listing_digest
 
 RESULT_FILE = "_RESULT.json"
 
 
+def content_identity(value: Any) -> Any:
+    """``value`` as it enters a fingerprint: a path or URI of something that exists now becomes
+    ``{"uri": ..., "content": digest of its sizes and modification stamps}`` (a directory: of every file
+    below it); anything else (config values, ``None``, a path not written yet) is returned unchanged.
+
+    Only metadata is listed, never file contents, so this stays cheap for large manifests and shards."""
+    if not isinstance(value, (str, os.PathLike)):
+        return value
+    uri = os.fspath(value)
+    # a plain word such as a source kind is not a local path unless something of that name exists
+    if not is_remote(uri) and not os.path.exists(uri):
+        return value
+    try:
+        return {"uri": uri, "content": listing_digest(uri)}
+    except FileNotFoundError:
+        return value
+
+
 def fingerprint(cfg: Any, **inputs: Any) -> str:
-    """A stable hash of a config (dataclass) and the stage inputs."""
-    payload = json.dumps({"config": to_dict(cfg), "inputs": inputs}, sort_keys=True, default=str)
+    """A stable hash of a config (dataclass) and the stage inputs, with the current content identity
+    of every input that is an existing path or URI (see :func:`content_identity`)."""
+    stamped = {name: content_identity(value) for name, value in inputs.items()}
+    payload = json.dumps({"config": to_dict(cfg), "inputs": stamped}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
