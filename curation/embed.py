@@ -122,6 +122,24 @@ def embed_shards(cfg: EmbedConfig, manifest_uri: str, output_uri: str, shard_ind
             for index, ids, uris in plan if wanted is None or index in wanted]
 
 
+def remove_stale_shards(output_uri: str, num_shards: int) -> list[str]:
+    """Delete shards numbered ``>= num_shards`` (left by an earlier, larger manifest or a smaller
+    ``shard_size``), which :func:`load_embeddings` would otherwise read. Markers go first, so a
+    deletion interrupted half-way leaves no shard that looks finished."""
+    fs, root = filesystem_for(output_uri)
+    stale = []
+    for path in sorted(fs.ls(root, detail=False)):
+        name = path.rsplit("/", 1)[-1]
+        if name.startswith("shard-") and name.endswith("._SUCCESS") and int(name[6:11]) >= num_shards:
+            stale.append(name[: -len("._SUCCESS")])
+    for stem in stale:
+        fs.rm(f"{root}/{stem}._SUCCESS")
+        for suffix in (".npy", ".ids.npy", ".views.npy"):
+            if fs.exists(f"{root}/{stem}{suffix}"):
+                fs.rm(f"{root}/{stem}{suffix}")
+    return stale
+
+
 def run_embed(cfg: EmbedConfig, manifest_uri: str, output_uri: str) -> dict[str, Any]:
     """Embed every row of ``manifest_uri`` into shards under ``output_uri`` (parallel over shards)."""
     stage_fp = fingerprint(cfg, manifest=manifest_uri)
@@ -134,6 +152,7 @@ def run_embed(cfg: EmbedConfig, manifest_uri: str, output_uri: str) -> dict[str,
         futures = [client.submit(embed_one_shard, cfg, manifest_uri, output_uri, index, ids, uris, pure=False)
                    for index, ids, uris in plan]
         shard_infos = client.gather(futures)
+    remove_stale_shards(output_uri, len(plan))
     seconds = time.perf_counter() - started
     failed: dict[str, int] = {}
     for info in shard_infos:

@@ -11,7 +11,7 @@ import pytest
 from curation.config import CurateConfig, DedupConfig, EmbedConfig, IngestConfig, KMeansLevelConfig
 from curation.curate import run_curate
 from curation.dedup import run_dedup
-from curation.embed import run_embed
+from curation.embed import load_embeddings, run_embed
 from curation.ingest import run_ingest
 from curation.stage_io import fingerprint, read_parquet
 from tests.curation.conftest import TEST_CLUSTER, distinct_image
@@ -61,6 +61,24 @@ def test_dedup_follows_a_manifest_rewritten_in_place(tmp_path):
     os.remove(raw / "005.png")
     assert run_ingest(IngestConfig(cluster=TEST_CLUSTER), str(raw), str(tmp_path / "ingest"))["num_images"] == 5
     assert run_dedup(DedupConfig(), ingest["manifest"], embed["embeddings"], str(tmp_path / "dedup"))["num_kept"] == 5
+
+
+def test_shards_of_a_larger_earlier_manifest_are_removed(tmp_path):
+    """9 images in shards of 4 → 3 shards; after two images go, 2 shards: the third must not be read."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i in range(9):
+        distinct_image(i).save(raw / f"{i:03d}.png")
+    first = _run_chain(str(raw), tmp_path)
+    assert first["embed"]["num_shards"] == 3
+    for name in ("007.png", "008.png"):
+        os.remove(raw / name)
+    second = _run_chain(str(raw), tmp_path)
+    assert second["embed"]["num_shards"] == 2
+    row_ids, vectors, _ = load_embeddings(second["embed"]["embeddings"])
+    assert sorted(row_ids.tolist()) == list(range(7)) and len(vectors) == 7
+    assert not list((tmp_path / "emb").glob("shard-00002*"))
+    assert second["curate"]["num_selected"] == 7
 
 
 def test_fingerprint_stamps_paths_and_leaves_values_alone(tmp_path):
