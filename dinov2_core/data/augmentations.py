@@ -11,6 +11,7 @@ Gaussian-blur probabilities (global 1 / global 2 / local):
 * ``blur_mode="released"`` (default): 0.0 / 0.9 / 0.5 — what the official code *actually* applies (its
   blur wrapper passes 1−p to ``RandomApply``), hence what the released checkpoints were trained with.
 * ``blur_mode="configured"``: 1.0 / 0.1 / 0.5 — the values written in the official configs.
+* ``blur_mode="none"``: no blur, for small images (a 9-pixel kernel with σ up to 2 erases a 32 px crop).
 
 ``__call__(image, seed=...)`` makes one sample's augmentation a pure function of the seed (the global
 torch RNG is forked and restored), which the trainer uses for deterministic, resumable data.
@@ -25,11 +26,12 @@ from torchvision.transforms import v2
 
 from dinov2_core.utils.config import ConfigError
 
-BlurMode = Literal["released", "configured"]
+BlurMode = Literal["released", "configured", "none"]
 
 BLUR_PROBABILITIES: dict[str, tuple[float, float, float]] = {
     "released": (0.0, 0.9, 0.5),
     "configured": (1.0, 0.1, 0.5),
+    "none": (0.0, 0.0, 0.0),
 }
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -111,7 +111,11 @@ class CropsConfig:
     local_crops_scale: tuple[float, float] = (0.05, 0.32)
     global_crops_size: int = 224
     local_crops_size: int = 96
-    blur_mode: Literal["released", "configured"] = "released"
+    #: Gaussian-blur probabilities (global 1 / global 2 / local): ``released`` 0/0.9/0.5 (what the released
+    #: models saw), ``configured`` 1/0.1/0.5 (the official config values), ``none`` (small images, where a
+    #: 9-pixel kernel erases the content)
+    blur_mode: Literal["released", "configured", "none"] = "released"
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
 
 
 @dataclass

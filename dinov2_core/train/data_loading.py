@@ -77,6 +77,7 @@ def build_augmentation(cfg: TrainConfig) -> DataAugmentationDINO:
         global_crops_size=c.global_crops_size,
         local_crops_size=c.local_crops_size,
         blur_mode=c.blur_mode,
+        blur_sigma=tuple(c.blur_sigma),
     )
 
 

@@ -18,6 +18,7 @@ Per step (recipe §3 and §5.1):
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
@@ -31,6 +32,15 @@ from dinov2_core.train.config import TrainConfig
 from dinov2_core.train.parallelize import ema_update
 
 LOSS_KEYS = ("dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss", "total_loss")
+#: Logged next to the losses. ``dino_target_entropy`` is the mean entropy of the teacher's DINO targets
+#: over ln K: near 1.0 the targets are uniform and the DINO terms teach nothing (uniform collapse).
+DIAGNOSTIC_KEYS = ("dino_target_entropy",)
+
+
+def normalized_entropy(probabilities: Tensor) -> Tensor:
+    """Mean row entropy of ``(N, K)`` probabilities divided by ln K (0 = one-hot, 1 = uniform)."""
+    entropy = -(probabilities * probabilities.clamp_min(1e-12).log()).sum(dim=-1).mean()
+    return entropy / math.log(probabilities.shape[-1])
 
 
 def backbone_kwargs(cfg: TrainConfig, drop_path: bool) -> dict[str, Any]:
@@ -203,6 +213,8 @@ class SSLMetaArch(nn.Module):
             total = total + cfg.ibot.loss_weight * ibot
             logged["ibot_loss"] = ibot / 2  # display convention of the official logs
         logged["total_loss"] = total
+        if cfg.dino.loss_weight > 0:
+            logged["dino_target_entropy"] = normalized_entropy(dino_targets.float())
         return total, {k: v.detach() for k, v in logged.items()}
 
     # -------------------------------------------------------------------- EMA

@@ -26,7 +26,7 @@ from dinov2_core.train.config import TrainConfig
 from dinov2_core.train.data_loading import build_train_loader
 from dinov2_core.train.distributed import DistributedContext, init_distributed, shutdown
 from dinov2_core.train.exporting import export_model
-from dinov2_core.train.meta_arch import LOSS_KEYS, SSLMetaArch
+from dinov2_core.train.meta_arch import DIAGNOSTIC_KEYS, LOSS_KEYS, SSLMetaArch
 from dinov2_core.train.metrics import MetricsCallback, MetricsLogger
 from dinov2_core.train.nan_guard import NanGuard
 from dinov2_core.train.param_groups import apply_schedule_to_groups, build_param_groups
@@ -235,7 +235,7 @@ class Trainer:
                 if self.ctx.device.type == "cuda":
                     torch.cuda.synchronize()
                 elapsed = time.perf_counter() - started
-                record = {"iteration": self.iteration, **{k: losses.get(k, 0.0) for k in LOSS_KEYS},
+                record = {"iteration": self.iteration, **{k: losses.get(k, 0.0) for k in LOSS_KEYS + DIAGNOSTIC_KEYS},
                           **values, "images_per_s": global_batch / elapsed, "step_time_s": elapsed,
                           "peak_mem_mb": peak_memory_mb(self.ctx.device), "skipped_images": self.skipped_images,
                           "applied": verdict == "ok"}

@@ -63,7 +63,8 @@ def _roughness(crop: torch.Tensor) -> float:
     return (gradient / (crop.std(dim=(1, 2)) + 1e-6)).mean().item()
 
 
-@pytest.mark.parametrize("mode, expected", [("released", (0.0, 0.9, 0.5)), ("configured", (1.0, 0.1, 0.5))])
+@pytest.mark.parametrize("mode, expected", [("released", (0.0, 0.9, 0.5)), ("configured", (1.0, 0.1, 0.5)),
+                                            ("none", (0.0, 0.0, 0.0))])
 def test_blur_rates_per_view(noise_image, mode, expected):
     # σ fixed at 2 so every applied blur is visible in the pixels; the probabilities are the real ones.
     aug = _tiny(local_crops_number=4, blur_mode=mode, blur_sigma=(2.0, 2.0))

@@ -21,7 +21,7 @@ TINY = "configs/train/tiny_pretrain.yaml"
     (["optim.lr=0.1"], "optim.lr: unknown key"),
     (["phase=highres"], "init_from: required when phase='highres'"),
     (["phase=distill"], "distill.teacher_path: required"),
-    (["crops.blur_mode=none"], "crops.blur_mode: 'none' is not one of ['released', 'configured']"),
+    (["crops.blur_mode=fixed"], "crops.blur_mode: 'fixed' is not one of ['released', 'configured', 'none']"),
 ])
 def test_invalid_values_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as err:

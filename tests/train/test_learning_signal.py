@@ -17,7 +17,7 @@ import torch
 
 from dinov2_core.train import load_train_config
 from dinov2_core.train.data_loading import build_train_loader
-from dinov2_core.train.meta_arch import SSLMetaArch
+from dinov2_core.train.meta_arch import SSLMetaArch, normalized_entropy
 
 CIFAR_RECIPE = "configs/train/cifar_vit_test.yaml"
 
@@ -61,3 +61,10 @@ def test_paper_layerscale_init_gives_uniform_targets_on_a_fresh_model(tiny_datas
     assert spread_between_images(targets) < 0.05
     if centering == "sinkhorn_knopp":  # identical rows balanced over the prototypes: exactly uniform
         assert mean_entropy(targets) > 0.99 * math.log(k)
+
+
+def test_logged_target_entropy_is_zero_for_one_hot_and_one_for_uniform():
+    k = 64
+    assert normalized_entropy(torch.full((5, k), 1.0 / k)).item() == pytest.approx(1.0)
+    assert normalized_entropy(torch.eye(k)[:5]).item() == pytest.approx(0.0, abs=1e-6)
+    assert 0.0 < normalized_entropy(torch.softmax(torch.randn(5, k), dim=-1)).item() < 1.0

@@ -22,8 +22,9 @@ def test_pretrain_outputs_and_learning(pretrain_run, tiny_dataset):
     rows = read_metrics(output)
     assert [r["iteration"] for r in rows] == list(range(13))  # 0 … max_iter inclusive
     for key in ("dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss", "total_loss", "lr",
-                "wd", "momentum", "teacher_temp", "images_per_s", "peak_mem_mb", "skipped_images"):
+                "wd", "momentum", "teacher_temp", "images_per_s", "peak_mem_mb", "skipped_images", "dino_target_entropy"):
         assert key in rows[0]
+    assert all(0.0 < r["dino_target_entropy"] <= 1.0 for r in rows)
     first = sum(r["total_loss"] for r in rows[:3]) / 3
     last = sum(r["total_loss"] for r in rows[-3:]) / 3
     assert last < first - 0.5, (first, last)
