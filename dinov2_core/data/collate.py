@@ -3,6 +3,8 @@
 ``collate_data_and_cast`` turns a list of ``(crops_dict, label)`` samples (``crops_dict`` from
 :class:`~dinov2_core.data.augmentations.DataAugmentationDINO`) into the official batch dictionary.
 ``None`` samples (images the dataset could not decode) are dropped and counted in ``n_skipped``.
+``mask_collated_crops`` does the masking part alone, for crops that arrive already stacked (the batched
+augmentation backend).
 
 Masking per batch of 2B global crops: int(2B·mask_probability) crops get a block-wise mask whose
 target size is int(N·U(bin_k, bin_{k+1})) with bins = linspace(ratio_min, ratio_max, n+1); the other
@@ -48,6 +50,18 @@ def _stack_crop_major(crop_lists: list[list[Tensor]], dtype: torch.dtype) -> Ten
     return torch.stack([crops[i] for i in range(n_crops) for crops in crop_lists]).to(dtype)
 
 
+def _check_mask_arguments(mask_probability: float, n_tokens: int | None,
+                          mask_generator: MaskingGenerator | None) -> tuple[MaskingGenerator, int]:
+    if mask_generator is None:
+        raise ValueError("mask_generator: required (a MaskingGenerator for the global-crop patch grid)")
+    if not 0.0 <= mask_probability <= 1.0:
+        raise ValueError(f"mask_probability: {mask_probability!r} must lie in [0, 1]")
+    n_tokens = mask_generator.num_patches if n_tokens is None else n_tokens
+    if n_tokens != mask_generator.num_patches:
+        raise ValueError(f"n_tokens: {n_tokens} does not match the mask generator grid ({mask_generator.num_patches})")
+    return mask_generator, n_tokens
+
+
 def collate_data_and_cast(
     samples_list: Sequence[tuple[dict[str, Any], Any] | None],
     mask_ratio_tuple: tuple[float, float],
@@ -68,23 +82,35 @@ def collate_data_and_cast(
     Raises:
         EmptyBatchError: if every sample is ``None``.
     """
-    if mask_generator is None:
-        raise ValueError("mask_generator: required (a MaskingGenerator for the global-crop patch grid)")
-    if not 0.0 <= mask_probability <= 1.0:
-        raise ValueError(f"mask_probability: {mask_probability!r} must lie in [0, 1]")
-    n_tokens = mask_generator.num_patches if n_tokens is None else n_tokens
-    if n_tokens != mask_generator.num_patches:
-        raise ValueError(f"n_tokens: {n_tokens} does not match the mask generator grid ({mask_generator.num_patches})")
-    source = _resolve_rng(rng)
-
+    _check_mask_arguments(mask_probability, n_tokens, mask_generator)
     kept = [sample for sample in samples_list if sample is not None]
     n_skipped = len(samples_list) - len(kept)
     if not kept:
         raise EmptyBatchError(f"all {n_skipped} samples of the batch were skipped (undecodable images)")
 
-    global_crops = _stack_crop_major([crops["global_crops"] for crops, _ in kept], dtype)
-    local_crops = _stack_crop_major([crops["local_crops"] for crops, _ in kept], dtype)
+    return mask_collated_crops(
+        _stack_crop_major([crops["global_crops"] for crops, _ in kept], dtype),
+        _stack_crop_major([crops["local_crops"] for crops, _ in kept], dtype),
+        mask_ratio_tuple, mask_probability, n_tokens=n_tokens, mask_generator=mask_generator, rng=rng,
+        n_skipped=n_skipped,
+    )
 
+
+def mask_collated_crops(
+    global_crops: Tensor,
+    local_crops: Tensor,
+    mask_ratio_tuple: tuple[float, float],
+    mask_probability: float,
+    n_tokens: int | None = None,
+    mask_generator: MaskingGenerator | None = None,
+    rng: random.Random | int | None = None,
+    n_skipped: int = 0,
+) -> dict[str, Any]:
+    """The batch dict of :func:`collate_data_and_cast` for crops already stacked crop-major (e.g. by
+    :class:`~dinov2_core.data.batched_augmentations.BatchedDataAugmentationDINO`): draws the iBOT masks
+    for the 2B global crops, with the same RNG consumption as ``collate_data_and_cast``."""
+    mask_generator, n_tokens = _check_mask_arguments(mask_probability, n_tokens, mask_generator)
+    source = _resolve_rng(rng)
     n_global = global_crops.shape[0]
     n_masked_crops = int(n_global * mask_probability)
     # float32 bins, as in the official code: the integer targets and upperbound depend on this rounding.

@@ -47,16 +47,21 @@ def seeded_rngs(seed: int) -> Iterator[None]:
 
 
 class ManifestDataset(Dataset):
-    """``dataset[(stream_position, index)]`` → transformed sample, or ``None`` for a corrupt image."""
+    """``dataset[(stream_position, index)]`` → transformed sample, or ``None`` for a corrupt image.
+
+    ``seeded=False`` calls ``transform`` without seeding the RNGs, for a deterministic transform (e.g.
+    decode-and-resize for the batched augmentation), where seeding would cost more than the transform.
+    """
 
     def __init__(self, manifest_uri: str, transform: Callable[[Any], Any] | None = None, seed: int = 0,
-                 records: list[ManifestRecord] | None = None) -> None:
+                 records: list[ManifestRecord] | None = None, seeded: bool = True) -> None:
         self.manifest_uri = manifest_uri
         self.records = records if records is not None else read_manifest(manifest_uri)
         if not self.records:
             raise ValueError(f"manifest {manifest_uri!r} lists no images")
         self.transform = transform
         self.seed = seed
+        self.seeded = seeded
         self.skipped: Counter[str] = Counter()
 
     def __len__(self) -> int:
@@ -72,5 +77,7 @@ class ManifestDataset(Dataset):
             return None
         if self.transform is None:
             return image
+        if not self.seeded:
+            return self.transform(image)
         with seeded_rngs(sample_seed(self.seed, stream_position)):
             return self.transform(image)

@@ -116,6 +116,17 @@ class CropsConfig:
     #: 9-pixel kernel erases the content)
     blur_mode: Literal["released", "configured", "none"] = "released"
     blur_sigma: tuple[float, float] = (0.1, 2.0)
+    #: ``per_image``: torchvision transforms per image in the dataset (bicubic crops, any image size);
+    #: ``batched``: :class:`~dinov2_core.data.batched_augmentations.BatchedDataAugmentationDINO` on the
+    #: whole batch inside the collate function (bilinear + area-averaging crops, much cheaper per image)
+    augmentation: Literal["per_image", "batched"] = "per_image"
+    #: ``batched`` only: every image is resized (shorter side) and centre-cropped to this square before
+    #: the crops are drawn from it; null = ``global_crops_size`` (a no-op for 32 px CIFAR at 32 px crops)
+    batched_source_size: int | None = None
+
+    def validate(self) -> None:
+        if self.batched_source_size is not None and self.batched_source_size <= 0:
+            raise ConfigError(f"crops.batched_source_size: {self.batched_source_size} must be > 0 (or null)")
 
 
 @dataclass
