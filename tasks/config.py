@@ -14,6 +14,7 @@ and the allowed values, before a single job is submitted.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,8 +134,10 @@ class TrainStageConfig:
 @dataclass
 class EvalStageConfig:
     """Frozen-feature evaluation: ``options`` are the keys of ``dinov2_core.eval.EvalConfig``.
-    ``train_manifest`` / ``val_manifest`` are labelled manifests; by default the curated training
-    manifest and the ingested manifest are used. ``backbones`` lists the stages to evaluate."""
+    ``train_manifest`` / ``val_manifest`` are labelled manifests or ImageFolders. ``train_manifest``
+    defaults to the deduplicated pool (dedup's manifest, else the ingested one); ``val_manifest`` (the
+    test set) is required for evaluation, and when embed and dedup run the training pool is
+    decontaminated against it. ``backbones`` lists the stages to evaluate."""
 
     enabled: bool = True
     options: dict[str, Any] = field(default_factory=dict)
@@ -236,3 +239,7 @@ def validate_pipeline(cfg: PipelineConfig) -> None:
     for stage in STAGES:
         if cfg.enabled(stage):
             stage_configs.build(cfg, stage, placeholders=True)
+    if cfg.eval.val_manifest and not stage_configs.decontamination_set(cfg) and any(map(cfg.enabled, TRAIN_STAGES)):
+        logging.getLogger(__name__).warning(
+            "embed/dedup disabled: training data is not decontaminated against eval.val_manifest %s",
+            cfg.eval.val_manifest)

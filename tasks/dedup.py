@@ -1,6 +1,8 @@
 """Prefect task for near-duplicate removal (k-NN + cosine threshold + connected components) on the embeddings.
 
-Wraps ``curation.dedup.run_dedup``.
+Wraps ``curation.dedup.run_dedup``. With ``inputs["eval_embeddings"]`` (the eval test set, embedded by
+the embed stage) it also drops training images that are near-duplicates of evaluation images and
+writes the decontamination list to ``decontam_list_uri`` (output ``decontamination_list``).
 """
 
 from __future__ import annotations
@@ -23,5 +25,6 @@ def execute(config: dict[str, Any], inputs: dict[str, Any], output_uri: str, sta
     from curation.dedup import run_dedup
     from dinov2_core.utils.config import from_dict
 
-    summary = run_dedup(from_dict(DedupConfig, config), inputs["manifest"], inputs["embeddings"], output_uri)
+    summary = run_dedup(from_dict(DedupConfig, config), inputs["manifest"], inputs["embeddings"], output_uri,
+                        eval_embeddings_uri=inputs.get("eval_embeddings"))
     return split_summary(summary, output_uri)

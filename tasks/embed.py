@@ -1,6 +1,10 @@
 """Prefect task for embedding extraction of the manifest's images with a frozen backbone, in shards.
 
 Wraps ``curation.embed.run_embed``; it runs through the launcher (local subprocess or Slurm job).
+When the pipeline decontaminates against an evaluation test set (``inputs["eval_images"]``), the same
+job also embeds those images with the same config, into ``<output>/eval/embeddings`` (their manifest,
+with row ids in the order the eval stage reads them, is ``<output>/eval/manifest.parquet``), so dedup
+compares like with like.
 """
 
 from __future__ import annotations
@@ -22,6 +26,35 @@ def execute(config: dict[str, Any], inputs: dict[str, Any], output_uri: str, sta
     from curation.config import EmbedConfig
     from curation.embed import run_embed
     from dinov2_core.utils.config import from_dict
+    from tasks.stage_configs import eval_embedding_uris
 
-    summary = run_embed(from_dict(EmbedConfig, config), inputs["manifest"], output_uri)
-    return split_summary(summary, output_uri)
+    cfg = from_dict(EmbedConfig, config)
+    result = split_summary(run_embed(cfg, inputs["manifest"], output_uri), output_uri)
+    if inputs.get("eval_images"):
+        manifest_uri, embeddings_uri = eval_embedding_uris(output_uri)
+        write_eval_manifest(inputs["eval_images"], manifest_uri)
+        summary = run_embed(cfg, manifest_uri, embeddings_uri)
+        result["outputs"].update(eval_manifest=manifest_uri, eval_embeddings=summary["embeddings"])
+        result["metrics"].update(eval_num_embedded=summary["num_embedded"], eval_num_failed=summary["num_failed"])
+    return result
+
+
+def write_eval_manifest(source: str, manifest_uri: str) -> str:
+    """Write the images of the eval set ``source`` (ImageFolder or labelled manifest, local or remote),
+    listed exactly as the eval stage lists them, as a manifest with ``row_id`` for ``run_embed``.
+
+    The file is rewritten only when its rows change: its modification stamp enters run_embed's
+    fingerprints, so an unchanged eval set stays embedded across reruns of this job."""
+    import pyarrow as pa
+
+    from curation.stage_io import read_parquet, write_parquet
+    from dinov2_core.eval.datasets import load_labelled_images
+    from dinov2_core.utils.uri import exists
+
+    images = load_labelled_images(source, require_labels=False)
+    rows = [{"row_id": i, "uri": uri, "label": label}
+            for i, (uri, label) in enumerate(zip(images.uris, images.labels))]
+    if exists(manifest_uri) and read_parquet(manifest_uri).to_pylist() == rows:
+        return manifest_uri
+    schema = pa.schema([("row_id", pa.int64()), ("uri", pa.string()), ("label", pa.string())])
+    return write_parquet(rows, manifest_uri, schema=schema)

@@ -5,11 +5,17 @@ The pipeline wires stages together by URI: the trainer's ``train.dataset`` is th
 high-resolution teacher (``distill.teacher_path``), evaluation reads the exported backbones. Those
 keys are filled in here; with ``placeholders=True`` they get the URIs the upstream stages *will*
 produce, so every stage config can be built and validated before anything runs.
+
+Decontamination: when the pipeline names an evaluation test set (``eval.val_manifest``) and runs embed
+and dedup, embed also embeds the test images with the training pool's embedding config and dedup
+receives them as ``eval_embeddings``, so no training image within ``decontam_threshold`` of a test
+image reaches the curated manifest (see :func:`decontamination_set`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 from dinov2_core.utils.config import ConfigError, from_dict, to_dict
@@ -24,6 +30,8 @@ CURATION_CONFIG_CLASSES = {
     "curate": "CurateConfig",
 }
 MANIFEST_NAME = "manifest.parquet"
+DECONTAM_NAME = "decontamination.parquet"
+EVAL_IMAGES_DIR = "eval"  # under embed's output: the test set's manifest and, in ``embeddings/``, its shards
 
 
 def curation_config(cfg: PipelineConfig, stage: str):
@@ -47,6 +55,8 @@ def predicted_output(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
         outputs: dict[str, Any] = {"dir": out, "manifest": _join(out, MANIFEST_NAME)}
         if stage == "embed":
             outputs = {"dir": out, "embeddings": out}
+            if decontamination_set(cfg):
+                outputs["eval_manifest"], outputs["eval_embeddings"] = eval_embedding_uris(out)
         return {"outputs": outputs, "input_hash": "pending"}
     if stage in TRAIN_STAGES:
         return {"outputs": {"dir": cfg.stage_dir(stage), "export_dir": os.path.join(cfg.stage_dir(stage), "export")},
@@ -58,6 +68,63 @@ def _join(base: str, name: str) -> str:
     from dinov2_core.utils.uri import join_uri
 
     return join_uri(base, name)
+
+
+def decontamination_set(cfg: PipelineConfig) -> str | None:
+    """The evaluation images the training pool is decontaminated against, or ``None``.
+
+    That is the eval *test* set (``eval.val_manifest``, also when the eval stage itself is disabled:
+    the images are still named as evaluation data). The kNN/linear *train* set is not: it is labelled
+    training data (DINOv2 pretrains on ImageNet-1k train too), and by default it is the training pool
+    itself. Decontamination needs embed and dedup; with either disabled the source is taken as curated.
+    """
+    if not (cfg.enabled("embed") and cfg.enabled("dedup")):
+        return None
+    return cfg.eval.val_manifest or None
+
+
+def eval_embedding_uris(embed_output: str) -> tuple[str, str]:
+    """``(manifest, embeddings)`` URIs of the eval test set under the embed stage's output."""
+    base = _join(embed_output, EVAL_IMAGES_DIR)
+    return _join(base, MANIFEST_NAME), _join(base, "embeddings")
+
+
+def decontamination_list_uri(cfg: PipelineConfig, test_set: str) -> str:
+    """Where dedup writes the decontamination list (``DedupConfig.decontam_list_uri``).
+
+    Next to the eval manifest (``<stem>.decontamination-<run name>.parquet``, one per run name so runs
+    sharing a test set do not overwrite each other's list) when that manifest is a local file in a
+    writable directory outside the training source (writing into the source would change its listing
+    and re-ingest it); otherwise (ImageFolder, object storage, read-only) dedup's own
+    ``decontamination.parquet``.
+    """
+    from dinov2_core.data.manifest import MANIFEST_SUFFIXES
+    from dinov2_core.utils.uri import is_remote
+
+    own = _join(cfg.data_uri("dedup"), DECONTAM_NAME)
+    suffix = next((s for s in MANIFEST_SUFFIXES if test_set.lower().endswith(s)), None)
+    if suffix is None or is_remote(test_set):
+        return own
+    directory = os.path.dirname(os.path.abspath(test_set))
+    if not os.access(directory, os.W_OK):
+        return own
+    if not is_remote(cfg.source):
+        source = os.path.abspath(cfg.source)
+        if directory == source or directory.startswith(source.rstrip(os.sep) + os.sep):
+            return own
+    stem = os.path.basename(test_set)[: -len(suffix)]
+    run = re.sub(r"[^A-Za-z0-9._-]", "_", cfg.name)
+    return os.path.join(directory, f"{stem}.decontamination-{run}.parquet")
+
+
+def _listing(key: str, uri: str) -> str:
+    """``listing_digest(uri)``; a missing input is a configuration error naming ``key``."""
+    from curation.sources import listing_digest
+
+    try:
+        return listing_digest(uri)
+    except FileNotFoundError as err:
+        raise ConfigError(f"{key}: {uri!r} not found ({err})") from err
 
 
 def upstream_manifest(cfg: PipelineConfig, results: dict[str, dict], before: str) -> tuple[str, dict]:
@@ -121,7 +188,11 @@ def eval_inputs(cfg: PipelineConfig, results: dict[str, dict]) -> dict[str, Any]
     if not train:
         if not cfg.enabled("ingest"):
             raise ConfigError("eval.train_manifest: required when ingest is disabled (a labelled manifest or ImageFolder)")
-        train = (results.get("ingest") or predicted_output(cfg, "ingest"))["outputs"]["manifest"]
+        # the deduplicated pool: a copy of a test image in the kNN/linear train set would inflate the scores
+        pool = "dedup" if cfg.enabled("dedup") else "ingest"
+        result = results.get(pool) or predicted_output(cfg, pool)
+        train = result["outputs"]["manifest"]
+        provenance[pool] = result.get("input_hash")
     if not cfg.eval.val_manifest:
         raise ConfigError("eval.val_manifest: required; a labelled manifest or ImageFolder of held-out images")
     return {"backbones": backbones, "train": train, "test": cfg.eval.val_manifest, "upstream": provenance}
@@ -168,6 +239,20 @@ def build(cfg: PipelineConfig, stage: str, results: dict[str, dict] | None = Non
                 emb = results.get("embed") or predicted_output(cfg, "embed")
                 inputs["embeddings"] = emb["outputs"]["embeddings"]
                 inputs["upstream"]["embed"] = emb.get("input_hash")
+            test_set = decontamination_set(cfg)
+            if test_set and stage == "embed":
+                inputs["eval_images"] = test_set
+                if not placeholders:
+                    # replaced test images under the same URI must re-embed them (and rerun dedup after it)
+                    inputs["eval_listing"] = _listing("eval.val_manifest", test_set)
+            if test_set and stage == "dedup":
+                inputs["eval_images"] = test_set
+                inputs["eval_embeddings"] = emb["outputs"].get("eval_embeddings")
+                if not inputs["eval_embeddings"]:  # an embed result recorded before the test set was named
+                    raise ConfigError(f"eval.val_manifest: embed in {cfg.work_dir} finished without the test set "
+                                      f"{test_set!r}; rerun embed so dedup can decontaminate against it")
+                if not stage_cfg.decontam_list_uri:
+                    config["decontam_list_uri"] = decontamination_list_uri(cfg, test_set)
         return StageSpec(stage, stage_dir, config, inputs, cfg.data_uri(stage), launcher)
     if stage in TRAIN_STAGES:
         train_cfg = train_config(cfg, stage, results)
