@@ -46,6 +46,20 @@ def _check_scale(name: str, scale: tuple[float, float]) -> tuple[float, float]:
     return low, high
 
 
+def check_crop_arguments(local_crops_number: int, global_crops_size: int, local_crops_size: int,
+                         blur_mode: str, blur_sigma: tuple[float, float]) -> None:
+    """Reject invalid multi-crop settings with a ConfigError naming the key (shared by both backends)."""
+    if blur_mode not in BLUR_PROBABILITIES:
+        raise ConfigError(f"blur_mode: {blur_mode!r} is not one of {list(BLUR_PROBABILITIES)}")
+    if local_crops_number < 0:
+        raise ConfigError(f"local_crops_number: {local_crops_number!r} must be >= 0")
+    for name, size in (("global_crops_size", global_crops_size), ("local_crops_size", local_crops_size)):
+        if size <= 0:
+            raise ConfigError(f"{name}: {size!r} must be > 0")
+    if not 0.0 < blur_sigma[0] <= blur_sigma[1]:
+        raise ConfigError(f"blur_sigma: {tuple(blur_sigma)!r} must satisfy 0 < min <= max")
+
+
 class DataAugmentationDINO:
     """Callable ``(PIL image, seed=None) -> {"global_crops", "global_crops_teacher", "local_crops", "offsets"}``.
 
@@ -62,15 +76,7 @@ class DataAugmentationDINO:
         blur_mode: BlurMode = "released",
         blur_sigma: tuple[float, float] = (0.1, 2.0),
     ) -> None:
-        if blur_mode not in BLUR_PROBABILITIES:
-            raise ConfigError(f"blur_mode: {blur_mode!r} is not one of {list(BLUR_PROBABILITIES)}")
-        if local_crops_number < 0:
-            raise ConfigError(f"local_crops_number: {local_crops_number!r} must be >= 0")
-        for name, size in (("global_crops_size", global_crops_size), ("local_crops_size", local_crops_size)):
-            if size <= 0:
-                raise ConfigError(f"{name}: {size!r} must be > 0")
-        if not 0.0 < blur_sigma[0] <= blur_sigma[1]:
-            raise ConfigError(f"blur_sigma: {tuple(blur_sigma)!r} must satisfy 0 < min <= max")
+        check_crop_arguments(local_crops_number, global_crops_size, local_crops_size, blur_mode, blur_sigma)
         self.global_crops_scale = _check_scale("global_crops_scale", global_crops_scale)
         self.local_crops_scale = _check_scale("local_crops_scale", local_crops_scale)
         self.local_crops_number = local_crops_number

@@ -106,30 +106,19 @@ class SeededCollate:
         return batch
 
 
-def build_augmentation(cfg: TrainConfig) -> DataAugmentationDINO:
+def _augmentation_arguments(cfg: TrainConfig) -> dict[str, Any]:
     c = cfg.crops
-    return DataAugmentationDINO(
-        global_crops_scale=tuple(c.global_crops_scale),
-        local_crops_scale=tuple(c.local_crops_scale),
-        local_crops_number=c.local_crops_number,
-        global_crops_size=c.global_crops_size,
-        local_crops_size=c.local_crops_size,
-        blur_mode=c.blur_mode,
-        blur_sigma=tuple(c.blur_sigma),
-    )
+    return {"global_crops_scale": tuple(c.global_crops_scale), "local_crops_scale": tuple(c.local_crops_scale),
+            "local_crops_number": c.local_crops_number, "global_crops_size": c.global_crops_size,
+            "local_crops_size": c.local_crops_size, "blur_mode": c.blur_mode, "blur_sigma": tuple(c.blur_sigma)}
+
+
+def build_augmentation(cfg: TrainConfig) -> DataAugmentationDINO:
+    return DataAugmentationDINO(**_augmentation_arguments(cfg))
 
 
 def build_batched_augmentation(cfg: TrainConfig) -> BatchedDataAugmentationDINO:
-    c = cfg.crops
-    return BatchedDataAugmentationDINO(
-        global_crops_scale=tuple(c.global_crops_scale),
-        local_crops_scale=tuple(c.local_crops_scale),
-        local_crops_number=c.local_crops_number,
-        global_crops_size=c.global_crops_size,
-        local_crops_size=c.local_crops_size,
-        blur_mode=c.blur_mode,
-        blur_sigma=tuple(c.blur_sigma),
-    )
+    return BatchedDataAugmentationDINO(**_augmentation_arguments(cfg))
 
 
 def build_dataset(cfg: TrainConfig) -> ManifestDataset:
