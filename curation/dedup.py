@@ -1,6 +1,7 @@
 """Deduplicate: exact duplicates by content hash, near duplicates by embedding k-NN + cosine threshold
-+ connected components (one image kept per component), and decontamination against an evaluation set
-(pool components that come within a stricter threshold of any eval image are dropped whole).
+grouped "keep-first" (every removed image is itself above the threshold to the image kept for it, so
+no chain of matches can merge two different photos), and decontamination against an evaluation set
+(every pool image within a stricter threshold of an eval image is removed).
 
 Outputs under ``output_uri``: ``manifest.parquet`` (kept rows), ``removed.parquet`` (row_id, uri, reason,
 kept_row_id, similarity), ``decontamination.parquet``, ``report.md`` and ``groups.png``.
@@ -58,14 +59,20 @@ def exact_duplicates(sha: np.ndarray, row_ids: np.ndarray, pixels: np.ndarray, r
     return removed
 
 
-def _pair_similarity(a: int, b: int, vectors: np.ndarray, views: np.ndarray | None) -> float:
+def pair_similarities(a: np.ndarray, b: np.ndarray, vectors: np.ndarray, views: np.ndarray | None) -> np.ndarray:
+    """Cosine similarity of items ``a[i]`` and ``b[i]``; with crop views the best of either item's full
+    descriptor against the other's views (the same measure the k-NN search thresholds)."""
     if views is None:
-        return float(vectors[a] @ vectors[b])
-    return float(max((views[b] @ vectors[a]).max(), (views[a] @ vectors[b]).max()))
+        return np.einsum("id,id->i", vectors[a], vectors[b])
+    a_in_b = np.einsum("ivd,id->iv", views[b], vectors[a]).max(axis=1)
+    b_in_a = np.einsum("ivd,id->iv", views[a], vectors[b]).max(axis=1)
+    return np.maximum(a_in_b, b_in_a)
 
 
-def near_duplicate_edges(cfg: DedupConfig, vectors: np.ndarray, views: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Edges (i, j, similarity) between embedded items with cosine similarity above ``cfg.threshold``.
+def near_duplicate_edges(cfg: DedupConfig, vectors: np.ndarray,
+                         views: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """Edges (i, j, similarity) between embedded items with cosine similarity above ``cfg.threshold``,
+    and the faiss index that found them (:func:`curation.knn.describe_index`).
 
     With crop views, every item's full descriptor is matched against all items' views."""
     if views is not None:
@@ -76,13 +83,38 @@ def near_duplicate_edges(cfg: DedupConfig, vectors: np.ndarray, views: np.ndarra
     else:
         base, owner, k = vectors, None, cfg.k
     index = knn.build_index(base, cfg.index, cfg.flat_max, cfg.ivf_nlist, cfg.ivf_nprobe, cfg.use_gpu)
-    return knn.similar_pairs(vectors, index, owner, k, cfg.threshold, cfg.query_batch)
+    left, right, sims = knn.similar_pairs(vectors, index, owner, k, cfg.threshold, cfg.query_batch)
+    return left, right, sims, knn.describe_index(index)
+
+
+def keep_first_groups(order: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """``kept_for[i]``: the item kept in place of item ``i`` (``i`` itself when ``i`` is kept).
+
+    Items are visited in ``order`` (most preferred first); an item not yet removed is kept, and its
+    neighbours (undirected edges ``left``–``right``) not yet removed or kept are removed for it. Every
+    removed item therefore has a direct edge to its kept item: unlike connected components, a chain
+    A–B–C with no edge A–C never removes C for A (C is kept, or removed by a neighbour of its own)."""
+    n = len(order)
+    from scipy.sparse import coo_matrix
+
+    graph = coo_matrix((np.ones(2 * len(left), dtype=np.int8),
+                        (np.concatenate([left, right]), np.concatenate([right, left]))), shape=(n, n)).tocsr()
+    kept_for = np.full(n, -1, dtype=np.int64)
+    for item in order.tolist():
+        if kept_for[item] >= 0:
+            continue
+        kept_for[item] = item
+        neighbours = graph.indices[graph.indptr[item]:graph.indptr[item + 1]]
+        free = neighbours[kept_for[neighbours] < 0]
+        kept_for[free] = item
+    return kept_for
 
 
 def contaminated_items(cfg: DedupConfig, vectors: np.ndarray, views: np.ndarray | None,
-                       eval_vectors: np.ndarray, eval_views: np.ndarray | None) -> dict[int, tuple[int, float]]:
+                       eval_vectors: np.ndarray, eval_views: np.ndarray | None) -> tuple[dict[int, tuple[int, float]], str]:
     """``{pool position: (eval position, similarity)}`` for pool items within ``decontam_threshold``
-    of an eval item, checked in both directions (pool image vs eval crops and eval image vs pool crops)."""
+    of an eval item, checked in both directions (pool image vs eval crops and eval image vs pool crops),
+    and the faiss index that searched the eval set."""
     best: dict[int, tuple[int, float]] = {}
 
     def note(pool: np.ndarray, ev: np.ndarray, sims: np.ndarray) -> None:
@@ -105,12 +137,15 @@ def contaminated_items(cfg: DedupConfig, vectors: np.ndarray, views: np.ndarray 
         ev2, pool2, sims2 = knn.similar_pairs(eval_vectors, pool_index, owner, k, cfg.decontam_threshold,
                                               cfg.query_batch, exclude_self=False)
         note(pool2, ev2, sims2)
-    return best
+    return best, knn.describe_index(index)
 
 
 def run_dedup(cfg: DedupConfig, manifest_uri: str, embeddings_uri: str, output_uri: str,
               eval_embeddings_uri: str | None = None) -> dict[str, Any]:
-    """Remove exact and near duplicates (and eval-set contamination) from ``manifest_uri``."""
+    """Remove eval-set contamination, exact and near duplicates from ``manifest_uri``.
+
+    Order: contamination first (so a contaminated image is never the one kept for others), then exact
+    duplicates, then near duplicates among the remaining embedded rows."""
     stage_fp = fingerprint(cfg, manifest=manifest_uri, embeddings=embeddings_uri, eval_embeddings=eval_embeddings_uri)
     done = finished_result(output_uri, stage_fp)
     if done is not None:
@@ -125,58 +160,52 @@ def run_dedup(cfg: DedupConfig, manifest_uri: str, embeddings_uri: str, output_u
     sha = np.asarray(table.column("sha256").to_pylist(), dtype=object)
     position_of = {int(r): i for i, r in enumerate(row_ids)}
 
-    removed: dict[int, tuple[str, int | None, float]] = {}  # position -> (reason, kept position, similarity)
-    if cfg.exact and n:
-        for position, kept in exact_duplicates(sha, row_ids, pixels, cfg.keep).items():
-            removed[position] = ("exact_duplicate", kept, 1.0)
-
     emb_ids, vectors, views = load_embeddings(embeddings_uri, with_views=True)
     in_manifest = np.array([int(r) in position_of for r in emb_ids], dtype=bool)
     emb_positions = np.array([position_of[int(r)] for r in emb_ids[in_manifest]], dtype=np.int64)
-    alive = np.array([p not in removed for p in emb_positions], dtype=bool)
-    emb_positions = emb_positions[alive]
-    vectors = vectors[in_manifest][alive]
-    views = views[in_manifest][alive] if views is not None else None
+    vectors = vectors[in_manifest]
+    views = views[in_manifest] if views is not None else None
 
-    labels = np.arange(len(emb_positions))
-    num_edges = 0
-    if cfg.near and len(emb_positions) > 1:
-        left, right, _ = near_duplicate_edges(cfg, vectors, views)
-        num_edges = len(left)
-        labels = knn.connected_components(len(emb_positions), left, right)
-
-    contaminated: dict[int, tuple[int, float]] = {}
+    removed: dict[int, tuple[str, int | None, float]] = {}  # position -> (reason, kept position, similarity)
     decontam_rows: list[dict[str, Any]] = []
+    indexes: dict[str, str] = {}
     if eval_embeddings_uri and len(emb_positions):
         eval_ids, eval_vectors, eval_views = load_embeddings(eval_embeddings_uri, with_views=True)
         if views is None:
             eval_views = None
-        contaminated = contaminated_items(cfg, vectors, views, eval_vectors, eval_views)
-        dirty_components = {int(labels[i]) for i in contaminated}
-        for i in np.nonzero(np.isin(labels, list(dirty_components)))[0].tolist():
-            eval_index, similarity = contaminated.get(i, (-1, float("nan")))
+        contaminated, indexes["decontamination"] = contaminated_items(cfg, vectors, views, eval_vectors, eval_views)
+        for i, (eval_index, similarity) in contaminated.items():
             position = int(emb_positions[i])
             removed[position] = ("eval_contamination", None, similarity)
             decontam_rows.append({"row_id": int(row_ids[position]), "uri": uris[position],
-                                  "eval_row_id": int(eval_ids[eval_index]) if eval_index >= 0 else None,
-                                  "similarity": similarity})
+                                  "eval_row_id": int(eval_ids[eval_index]), "similarity": similarity})
 
-    groups: dict[int, list[int]] = collections.defaultdict(list)
-    for i, label in enumerate(labels.tolist()):
-        if int(emb_positions[i]) not in removed:
-            groups[label].append(i)
-    example_groups = []
-    for members in groups.values():
-        if len(members) < 2:
-            continue
-        member_positions = emb_positions[members]
-        order = keep_order(row_ids[member_positions], pixels[member_positions], cfg.keep)
-        keeper = members[order[0]]
-        for j in order[1:]:
-            other = members[j]
-            similarity = _pair_similarity(other, keeper, vectors, views)
-            removed[int(emb_positions[other])] = ("near_duplicate", int(emb_positions[keeper]), similarity)
-        example_groups.append([members[j] for j in order])
+    if cfg.exact and n:
+        clean = np.array([p not in removed for p in range(n)], dtype=bool)
+        clean_positions = np.nonzero(clean)[0]
+        for position, kept in exact_duplicates(sha[clean], row_ids[clean], pixels[clean], cfg.keep).items():
+            removed[int(clean_positions[position])] = ("exact_duplicate", int(clean_positions[kept]), 1.0)
+
+    alive = np.array([p not in removed for p in emb_positions.tolist()], dtype=bool)
+    emb_positions, vectors = emb_positions[alive], vectors[alive]
+    views = views[alive] if views is not None else None
+    num_edges = 0
+    example_groups: list[list[int]] = []
+    if cfg.near and len(emb_positions) > 1:
+        left, right, _, indexes["near"] = near_duplicate_edges(cfg, vectors, views)
+        num_edges = len(left)
+        order = keep_order(row_ids[emb_positions], pixels[emb_positions], cfg.keep)
+        kept_for = keep_first_groups(order, left, right)
+        duplicates = np.nonzero(kept_for != np.arange(len(kept_for)))[0]
+        similarities = pair_similarities(duplicates, kept_for[duplicates], vectors, views)
+        members: dict[int, list[int]] = collections.defaultdict(list)
+        for item, similarity in zip(duplicates.tolist(), similarities.tolist()):
+            keeper = int(kept_for[item])
+            removed[int(emb_positions[item])] = ("near_duplicate", int(emb_positions[keeper]), similarity)
+            members[keeper].append(item)
+        rank = np.empty(len(order), dtype=np.int64)
+        rank[order] = np.arange(len(order))
+        example_groups = [[keeper, *sorted(items, key=lambda i: rank[i])] for keeper, items in members.items()]
 
     kept_mask = np.ones(n, dtype=bool)
     kept_mask[list(removed)] = False
@@ -213,6 +242,7 @@ def run_dedup(cfg: DedupConfig, manifest_uri: str, embeddings_uri: str, output_u
         "num_near_edges": int(num_edges),
         "num_duplicate_groups": len(example_groups),
         "num_not_embedded": int(n - in_manifest.sum()),
+        "faiss_index": indexes,
         "seconds": round(time.perf_counter() - started, 2),
     }
     atomic_write_text(result["report"], _report(cfg, result, views is not None))
@@ -226,10 +256,14 @@ def _report(cfg: DedupConfig, result: dict[str, Any], crop_views: bool) -> str:
     lines += ["| reason | count |", "|---|---|"]
     for reason in ("exact_duplicate", "near_duplicate", "eval_contamination"):
         lines.append(f"| {reason} | {result['removed_by_reason'].get(reason, 0)} |")
+    indexes = result["faiss_index"]
     lines += ["", "## Thresholds", "",
               f"- near duplicates: cosine similarity > {cfg.threshold} among k={cfg.k} nearest neighbours "
-              f"(crop views: {'yes' if crop_views else 'no'}), connected components, keep rule `{cfg.keep}`",
-              f"- eval decontamination: cosine similarity > {cfg.decontam_threshold}; whole components dropped",
+              f"(crop views: {'yes' if crop_views else 'no'}), keep-first grouping (each removed image is "
+              f"directly above the threshold to its kept image), keep rule `{cfg.keep}`",
+              f"- eval decontamination: cosine similarity > {cfg.decontam_threshold} to an eval image",
+              f"- faiss index: near duplicates {indexes.get('near', 'not searched')}; "
+              f"decontamination {indexes.get('decontamination', 'not searched')} (use_gpu: {cfg.use_gpu})",
               f"- near-duplicate edges: {result['num_near_edges']}; duplicate groups: {result['num_duplicate_groups']}",
               f"- rows without an embedding (kept unjudged): {result['num_not_embedded']}",
               "", "## Config", "", "```", *(f"{k}: {v}" for k, v in to_dict(cfg).items()), "```", ""]

@@ -56,6 +56,17 @@ def build_index(vectors: np.ndarray, kind: Literal["auto", "flat", "ivf"] = "aut
     return index
 
 
+def describe_index(index) -> str:
+    """Which faiss index answered, for reports: its class and whether it ran on CPU or GPU(s),
+    e.g. ``IndexFlatIP (CPU)`` or ``GpuIndexIVFFlat (GPU x1)``."""
+    import faiss
+
+    name = type(index).__name__
+    if isinstance(index, faiss.IndexReplicas):
+        return f"{type(faiss.downcast_index(index.at(0))).__name__} (GPU x{index.count()})"
+    return f"{name} (GPU x1)" if name.startswith("Gpu") else f"{name} (CPU)"
+
+
 def search(index, queries: np.ndarray, k: int, batch: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
     """``(similarities, indices)`` of the ``k`` nearest neighbours of every query, in query batches."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -90,14 +101,3 @@ def similar_pairs(queries: np.ndarray, index, owner: np.ndarray | None, k: int, 
     first = np.ones(len(rows), dtype=bool)
     first[1:] = (rows[1:] != rows[:-1]) | (base[1:] != base[:-1])
     return rows[first].astype(np.int64), base[first].astype(np.int64), values[first]
-
-
-def connected_components(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    """Component label of each of ``n`` nodes in the undirected graph with edges ``left``–``right``
-    (the disjoint-set result the paper's dedup uses, computed by scipy's graph routines)."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components as components
-
-    graph = coo_matrix((np.ones(len(left), dtype=np.int8), (left, right)), shape=(n, n))
-    _, labels = components(graph, directed=False)
-    return labels
