@@ -139,3 +139,79 @@ def test_manifest_text_and_s3(tmp_path, s3_bucket):
     assert read_manifest(uri) == [ManifestRecord(f"{s3_bucket}/m/x.jpg", "dog")]
     with pytest.raises(ValueError, match="unsupported suffix"):
         read_manifest(tmp_path / "manifest.xlsx")
+
+
+def test_transient_error_classifier():
+    import errno
+
+    from dinov2_core.utils.errors import is_transient_error
+
+    for exc in (ConnectionRefusedError(errno.ECONNREFUSED, "refused"), ConnectionResetError(), TimeoutError(),
+                OSError(errno.ETIMEDOUT, "timed out"), OSError(errno.ESTALE, "stale file handle")):
+        assert is_transient_error(exc), exc
+    for exc in (OSError(errno.ENOSPC, "No space left on device"), OSError(errno.EDQUOT, "Disk quota exceeded"),
+                FileNotFoundError(errno.ENOENT, "missing"), PermissionError(errno.EACCES, "denied"),
+                ValueError("bad config"), KeyError("x"), OSError("no errno")):
+        assert not is_transient_error(exc), exc
+
+    # botocore-like exceptions, recognised by class name and by the S3 error code / HTTP status
+    EndpointConnectionError = type("EndpointConnectionError", (Exception,), {})
+    ClientError = type("ClientError", (Exception,), {})
+
+    def client_error(code, status):
+        err = ClientError(code)
+        err.response = {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
+        return err
+
+    assert is_transient_error(EndpointConnectionError("Could not connect to the endpoint URL"))
+    assert is_transient_error(client_error("SlowDown", 503)) and is_transient_error(client_error("Whatever", 500))
+    assert not is_transient_error(client_error("NoSuchKey", 404)) and not is_transient_error(client_error("AccessDenied", 403))
+
+    # a wrapper (s3fs raises OSError from the botocore error) is judged by its cause ...
+    try:
+        try:
+            raise EndpointConnectionError("down")
+        except Exception as inner:
+            raise OSError("could not read s3://b/k") from inner
+    except OSError as wrapped:
+        assert is_transient_error(wrapped)
+    # ... but a disk-full error stays permanent whatever caused it
+    full = OSError(errno.ENOSPC, "No space left on device")
+    full.__cause__ = ConnectionResetError()
+    assert not is_transient_error(full)
+
+
+def test_call_with_retries_retries_transient_errors_only():
+    import errno
+
+    from dinov2_core.utils.errors import call_with_retries
+
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionResetError("reset by peer")
+        return "ok"
+
+    seen = []
+    assert call_with_retries(flaky, retries=3, backoff_s=0.001, on_retry=lambda err, n: seen.append(n)) == "ok"
+    assert len(calls) == 3 and seen == [1, 2]
+
+    def full_disk():
+        calls.append(1)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    calls.clear()
+    with pytest.raises(OSError, match="No space left"):
+        call_with_retries(full_disk, retries=5, backoff_s=0.001)
+    assert len(calls) == 1  # never retried
+
+    def down():
+        calls.append(1)
+        raise ConnectionResetError("still down")
+
+    calls.clear()
+    with pytest.raises(ConnectionResetError):
+        call_with_retries(down, retries=2, backoff_s=0.001)
+    assert len(calls) == 3  # first try + 2 retries
