@@ -1,8 +1,8 @@
 """Benchmark: kNN top-1 on CIFAR-10 of a backbone pretrained by this project within a time budget.
 
-1. Extract ``/work/shared/data/cifar10-train.tar.gz`` (50,000 train images) and split it with a
-   fixed seed into a pretraining/kNN-train part and a held-out test part (``--test-per-class``).
-   The held-out images are never seen by pretraining.
+1. Extract the shared ``cifar10-train.tar.gz`` (50,000 train images; found in ``<repo>/../shared/data/``
+   unless ``--archive`` is given) and split it with a fixed seed into a pretraining/kNN-train part
+   and a held-out test part (``--test-per-class``). The held-out images are never seen by pretraining.
 2. Calibrate the step time of the recipe (``configs/train/cifar_vit_test.yaml`` by default; 40
    iterations), then pretrain with ``dinov2_core.train.run_training`` for as many iterations as fit in
    ``--minutes`` (the schedules are laid out for exactly that many iterations), or for ``--iterations``.
@@ -22,8 +22,8 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,23 +31,20 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.cifar_data import ARCHIVE, DEFAULT_ROOT, extract_cifar10  # noqa: E402
 from bench.common import machine, record  # noqa: E402
 from dinov2_core.data.manifest import write_manifest  # noqa: E402
 from dinov2_core.eval.datasets import load_labelled_images  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-TARBALL = "/work/shared/data/cifar10-train.tar.gz"
 TRAIN_RECIPE = ROOT / "configs" / "train" / "cifar_vit_test.yaml"
 EVAL_CONFIG = ROOT / "configs" / "eval" / "cifar10.yaml"
 
 
-def prepare_data(data_root: Path, workdir: Path, test_per_class: int, seed: int) -> tuple[str, str]:
+def prepare_data(data_root: Path, workdir: Path, test_per_class: int, seed: int,
+                 archive: str = ARCHIVE) -> tuple[str, str]:
     """Extract CIFAR-10 once and write ``train.jsonl`` / ``test.jsonl`` (a seeded per-class hold-out)."""
-    image_dir = data_root / "train"
-    if not image_dir.is_dir():
-        data_root.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["tar", "xzf", TARBALL, "-C", str(data_root)], check=True)
-    images = load_labelled_images(str(image_dir))
+    images = load_labelled_images(extract_cifar10(str(data_root), archive))
     rng = np.random.default_rng(seed)
     train_rows, test_rows = [], []
     for label in sorted(set(images.labels)):
@@ -100,8 +97,9 @@ def calibrate(args: argparse.Namespace, dataset: str, workdir: Path) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=30.0, help="pretraining time budget")
-    parser.add_argument("--workdir", default="/tmp/bench_knn_cifar")
-    parser.add_argument("--data-root", default="/tmp/cifar10")
+    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "bench_knn_cifar"))
+    parser.add_argument("--data-root", default=DEFAULT_ROOT, help="where the archive is extracted")
+    parser.add_argument("--archive", default=ARCHIVE, help="cifar10-train.tar.gz (default: <repo>/../shared/data/)")
     parser.add_argument("--test-per-class", type=int, default=500)
     parser.add_argument("--recipe", default=str(TRAIN_RECIPE), help="training config (default: the CIFAR recipe)")
     parser.add_argument("--iterations", type=int, default=None,
@@ -126,7 +124,8 @@ def main() -> int:
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    train_manifest, test_manifest = prepare_data(Path(args.data_root), workdir, args.test_per_class, args.seed)
+    train_manifest, test_manifest = prepare_data(Path(args.data_root), workdir, args.test_per_class, args.seed,
+                                                 args.archive)
 
     from dinov2_core.eval import run_evaluation
     from dinov2_core.eval.config import EvalConfig
