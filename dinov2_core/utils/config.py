@@ -13,6 +13,7 @@ Command-line overrides use dotted keys with YAML-typed values: ``optim.lr=0.001`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import types
@@ -184,24 +185,115 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML config. A top-level ``defaults: [other.yaml, ...]`` list is merged first
-    (paths relative to this file), so recipes can inherit from a base file."""
+@functools.lru_cache(maxsize=1)
+def _unique_key_loader():
+    """A ``yaml.SafeLoader`` subclass that rejects a key defined twice in one mapping (PyYAML keeps
+    the last one silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                first_seen: dict[Any, Any] = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` overrides on purpose
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        earlier = first_seen.get(key)
+                    except TypeError:  # an unhashable key: let PyYAML report it
+                        continue
+                    if earlier is not None:
+                        mark = key_node.start_mark
+                        raise ConfigError(f"{mark.name}:{mark.line + 1}:{mark.column + 1}: duplicate key {key!r} "
+                                          f"(first defined at line {earlier.line + 1})")
+                    first_seen[key] = key_node.start_mark
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
+def _read_yaml_file(path: str) -> dict[str, Any]:
+    """One YAML file as a mapping; every failure is a :class:`ConfigError` naming the file (and the
+    line and column for syntax errors and duplicate keys)."""
     try:
         import yaml
     except ImportError as err:
         raise ImportError("reading YAML configs needs pyyaml: pip install pyyaml") from err
-    path = os.fspath(path)
     if not os.path.exists(path):
         raise ConfigError(f"config file {path!r} does not exist")
-    with open(path, encoding="utf-8") as handle:
-        data = yaml.safe_load(handle) or {}
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path!r} is a directory, expected a YAML file")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.load(handle, Loader=_unique_key_loader())
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+        problem = " ".join(str(part) for part in (err.context, err.problem) if part)
+        raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: YAML error: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path!r} cannot be read: {err.strerror or err}") from None
+    data = {} if data is None else data
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _record_origins(data: dict[str, Any], directory: str, origins: dict[str, str], prefix: str = "") -> None:
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        origins[dotted] = directory
+        if not isinstance(value, dict):  # a value replacing a parent's section: its old leaves are gone
+            for stale in [k for k in origins if k.startswith(dotted + ".")]:
+                del origins[stale]
+        else:
+            _record_origins(value, directory, origins, dotted + ".")
+
+
+def _load_yaml_tree(path: str, chain: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, str]]:
+    real = os.path.realpath(path)
+    if real in chain:
+        cycle = " -> ".join([*chain, real][chain.index(real):])
+        raise ConfigError(f"{path}: defaults form a cycle: {cycle}")
+    data = _read_yaml_file(path)
+    parents = data.pop("defaults", None) or []
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        raise ConfigError(f"{path}: defaults: expected a list of YAML file paths, got {parents!r}")
+    directory = os.path.dirname(os.path.abspath(path))
     merged: dict[str, Any] = {}
-    for parent in data.pop("defaults", []) or []:
-        merged = deep_merge(merged, load_yaml(os.path.join(os.path.dirname(path), parent)))
-    return deep_merge(merged, data)
+    origins: dict[str, str] = {}
+    for parent in parents:
+        parent_path = os.path.join(directory, parent)
+        if not os.path.exists(parent_path):
+            raise ConfigError(f"{path}: defaults: {parent!r} does not exist (looked for {parent_path!r})")
+        parent_data, parent_origins = _load_yaml_tree(parent_path, (*chain, real))
+        merged = deep_merge(merged, parent_data)
+        origins.update(parent_origins)
+    _record_origins(data, directory, origins)
+    return deep_merge(merged, data), origins
+
+
+def load_yaml(path: str | os.PathLike, with_origins: bool = False) -> Any:
+    """Read a YAML config. A top-level ``defaults: [other.yaml, ...]`` list is merged first
+    (paths relative to this file), so recipes can inherit from a base file.
+
+    Syntax errors, duplicate keys, a missing file or parent, and ``defaults`` cycles raise
+    :class:`ConfigError` naming the file (and line and column where there is one).
+
+    With ``with_origins=True`` returns ``(data, origins)``: ``origins`` maps every dotted key
+    (``"pretrain"``, ``"pretrain.config"``) to the absolute directory of the file that last set it, so a
+    relative path value can be resolved against the file that wrote it rather than the child file. A
+    section merged from several files maps to the last one that touched it; its leaves are exact.
+    """
+    data, origins = _load_yaml_tree(os.fspath(path), ())
+    return (data, origins) if with_origins else data
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None, overrides: list[str] = ()) -> T:
