@@ -2,7 +2,9 @@
 
 One process by default; under ``torchrun`` or ``srun`` every task runs this same command and the
 trainer joins the process group from the environment. Re-running with the same output directory
-resumes from its newest complete checkpoint.
+resumes from its newest complete checkpoint. ``--dry-run`` validates the config and prints the plan
+of the run (:func:`dinov2_core.train.plan.plan_training`) for the given launcher resources; with
+``--json`` it prints the resolved config and the plan as one JSON object.
 """
 
 from __future__ import annotations
@@ -10,14 +12,63 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
+import shutil
+import subprocess
 
-USAGE = "dinov2-pipeline train CONFIG --output-dir DIR [--dry-run | --export-only] [KEY=VALUE ...]"
+USAGE = ("dinov2-pipeline train CONFIG --output-dir DIR [--export-only] [KEY=VALUE ...]\n"
+         "       dinov2-pipeline train CONFIG --dry-run [--json] [--nodes N --tasks-per-node T --gpus-per-node G "
+         "--timeout-min M --max-requeues R --seconds-per-iter S --partition P --gpu-memory-gb GB] [KEY=VALUE ...]")
+_SLURM_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+
+
+def parse_slurm_time_min(text: str) -> int | None:
+    """Minutes of a Slurm time limit (``30``, ``2:00:00``, ``1-12``, ``1-00:00:00``); ``None`` if unlimited."""
+    text = text.strip()
+    if text.upper() in ("UNLIMITED", "INFINITE", ""):
+        return None
+    match = _SLURM_TIME.match(text)
+    if match is None:
+        raise ValueError(f"not a Slurm time limit: {text!r}")
+    days, first, second, third = match.groups()
+    if days is not None:  # days-hours[:minutes[:seconds]]
+        minutes = int(days) * 1440 + int(first) * 60 + int(second or 0) + (1 if third and int(third) else 0)
+    elif third is not None:  # hours:minutes:seconds
+        minutes = int(first) * 60 + int(second) + (1 if int(third) else 0)
+    else:  # minutes[:seconds]
+        minutes = int(first) + (1 if second and int(second) else 0)
+    return minutes
+
+
+def slurm_partition_max_time_min(partition: str | None) -> int | None:
+    """The partition's MaxTime in minutes from ``sinfo`` (``None``: no sinfo, no partition, or unlimited)."""
+    if shutil.which("sinfo") is None:
+        return None
+    command = ["sinfo", "-h", "-o", "%l"] + (["-p", partition] if partition else [])
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=20, check=True).stdout
+    except (subprocess.SubprocessError, OSError):
+        return None
+    limits = [parse_slurm_time_min(line) for line in out.split() if line.strip()]
+    known = [limit for limit in limits if limit is not None]
+    return min(known) if known and len(known) == len(limits) else None
 
 
 def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default=None, help="run directory: checkpoints/, metrics.jsonl, export/")
     parser.add_argument("--dry-run", action="store_true", default=None,
-                        help="print the resolved, validated config and exit")
+                        help="validate the config and print the plan (world size, batch, lr, parameters, memory per "
+                             "GPU, checkpoint size, time coverage) without training")
+    parser.add_argument("--json", action="store_true", default=None,
+                        help="with --dry-run: print {config: resolved config, plan: ...} as JSON")
+    parser.add_argument("--nodes", type=int, default=None, help="plan: nodes (default 1)")
+    parser.add_argument("--tasks-per-node", type=int, default=None, help="plan: tasks per node (default 1)")
+    parser.add_argument("--gpus-per-node", type=int, default=None, help="plan: GPUs per node (default 1; 0 = CPU)")
+    parser.add_argument("--timeout-min", type=int, default=None, help="plan: the job time limit in minutes")
+    parser.add_argument("--max-requeues", type=int, default=None, help="plan: requeues allowed after time-outs")
+    parser.add_argument("--seconds-per-iter", type=float, default=None, help="plan: measured seconds per iteration")
+    parser.add_argument("--partition", default=None, help="plan: Slurm partition whose MaxTime (sinfo) is checked")
+    parser.add_argument("--gpu-memory-gb", type=float, default=None, help="plan: GPU memory (default 80)")
     parser.add_argument("--export-only", action="store_true", default=None,
                         help="write DIR/export from DIR's newest complete checkpoint, without training")
 
@@ -38,9 +89,7 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = load_train_config(rest.config, rest.overrides)
     if dry_run:
-        from dinov2_core.utils.config import to_dict
-
-        print(json.dumps(to_dict(cfg), indent=2))
+        print(_dry_run_report(cfg, rest, args))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if rest.export_only or args.export_only:
@@ -50,6 +99,35 @@ def _run(args: argparse.Namespace) -> int:
     if summary.get("rank", 0) == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "last_metrics"}, default=str))
     return 0
+
+
+def _option(rest: argparse.Namespace, args: argparse.Namespace, name: str, default=None):
+    """An option given after CONFIG (``rest``) or before it (``args``)."""
+    for namespace in (rest, args):
+        value = getattr(namespace, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def _dry_run_report(cfg, rest: argparse.Namespace, args: argparse.Namespace) -> str:
+    from dinov2_core.train.plan import DEFAULT_GPU_MEMORY_GB, plan_training
+    from dinov2_core.utils.config import to_dict
+
+    plan = plan_training(
+        cfg,
+        nodes=_option(rest, args, "nodes", 1),
+        tasks_per_node=_option(rest, args, "tasks_per_node", 1),
+        gpus_per_node=_option(rest, args, "gpus_per_node", 1),
+        timeout_min=_option(rest, args, "timeout_min"),
+        max_requeues=_option(rest, args, "max_requeues"),
+        partition_max_time_min=slurm_partition_max_time_min(_option(rest, args, "partition")),
+        seconds_per_iter=_option(rest, args, "seconds_per_iter"),
+        gpu_memory_gb=_option(rest, args, "gpu_memory_gb", DEFAULT_GPU_MEMORY_GB),
+    )
+    if _option(rest, args, "json"):
+        return json.dumps({"config": to_dict(cfg), "plan": plan.to_dict()}, indent=2)
+    return plan.render()
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
