@@ -49,16 +49,30 @@ class ClusterConfig:
 
 @dataclass
 class IngestConfig:
-    """Listing, hashing and decode checks of raw images."""
+    """Listing, hashing and decode checks of raw images.
+
+    Transient read failures (connection refused or reset, timeouts, S3 5xx / throttling) are retried
+    ``read_retries`` times with exponential backoff starting at ``read_backoff_s`` (on top of botocore's
+    own retries). Reads still failing after that are *losses*: up to ``max_loss_fraction`` of all
+    listed images the stage writes its outputs but does not mark itself finished (a re-run recomputes);
+    above it the stage raises. Permanently broken files (undecodable, missing) are rejects, not losses.
+    """
 
     source_kind: Literal["auto", "directory", "imagefolder", "filelist", "tar"] = "auto"
     extensions: list[str] = field(default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"])
     max_pixels: int = 89_478_485  # PIL's own decompression-bomb limit
     min_side: int = 1
     files_per_task: int = 1000
+    read_retries: int = 5
+    read_backoff_s: float = 0.5
+    max_loss_fraction: float = 0.01
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def validate(self) -> None:
+        _require(self.read_retries >= 0, f"read_retries: must be >= 0, got {self.read_retries}")
+        _require(self.read_backoff_s >= 0, f"read_backoff_s: must be >= 0, got {self.read_backoff_s}")
+        _require(0.0 <= self.max_loss_fraction <= 1.0,
+                 f"max_loss_fraction: must be in [0, 1], got {self.max_loss_fraction}")
         _require(self.max_pixels > 0, f"max_pixels: must be > 0, got {self.max_pixels}")
         _require(self.min_side >= 1, f"min_side: must be >= 1, got {self.min_side}")
         _require(self.files_per_task >= 1, f"files_per_task: must be >= 1, got {self.files_per_task}")

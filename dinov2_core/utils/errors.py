@@ -85,6 +85,9 @@ def _aws_transient(exc: BaseException) -> bool | None:
 
 def _classify_one(exc: BaseException) -> bool | None:
     """True / False when ``exc`` itself decides, None when only its cause can tell."""
+    declared = getattr(exc, "transient", None)
+    if isinstance(declared, bool):  # an exception class of ours that says so itself
+        return declared
     if isinstance(exc, OSError) and exc.errno is not None:
         if exc.errno in PERMANENT_ERRNOS:
             return False
@@ -104,7 +107,8 @@ def is_transient_error(exc: BaseException) -> bool:
     """Whether retrying the failed call may succeed without anyone changing anything.
 
     Looks at ``exc`` and then at its ``__cause__`` / ``__context__`` chain (s3fs and fsspec wrap the
-    botocore error in an ``OSError``); the first exception that decides wins. ``ENOSPC`` and
+    botocore error in an ``OSError``); the first exception that decides wins. An exception may decide
+    for itself with a boolean ``transient`` attribute (e.g. an ingest that lost reads to an outage). ``ENOSPC`` and
     ``EDQUOT`` (disk full, quota exceeded) are never transient; neither is anything unrecognised.
     """
     seen: set[int] = set()
