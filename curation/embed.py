@@ -2,14 +2,24 @@
 
 Each shard ``shard-XXXXX`` holds ``.npy`` (float32, n×d), ``.ids.npy`` (int64 row ids) and, for the
 ``pixels`` descriptor with crop views, ``.views.npy`` (n×V×d). The shard's ``._SUCCESS`` marker is
-written last, so a re-run skips finished shards and recomputes a half-written one. Shards run in
-parallel on dask workers; :func:`embed_shards` runs a group of shards in one process, which is what a
-GPU job (one Slurm task per shard group) would call.
+written last, so a re-run skips finished shards and recomputes a half-written one.
+
+Where the shards run:
+
+- one task of a multi-task job (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``, else ``SLURM_PROCID``/
+  ``SLURM_NTASKS``/``SLURM_LOCALID``): task r embeds shards r, r+N, r+2N, … in its own process, on
+  ``cuda:LOCAL_RANK`` when the device is CUDA (one GPU per task). Rank 0 then polls the shard markers
+  until every shard is finished and alone writes the stage result; the other ranks return a small dict
+  with ``result_holder: false``. A killed job, re-run, redoes only the shards without a marker.
+- a single task on a GPU: every shard in this process, on that GPU.
+- a single task on CPU: shards in parallel on dask workers (``cluster``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import time
 from typing import Any
 
@@ -24,6 +34,22 @@ from curation.config import EmbedConfig
 from curation.descriptors import load_model, model_descriptors, pixel_descriptor, resolve_device
 from curation.stage_io import fingerprint, finished_result, load_npy, mark_finished, read_parquet, save_npy
 
+log = logging.getLogger(__name__)
+#: how often rank 0 looks at the shard markers while it waits for the other tasks
+MARKER_POLL_S = 1.0
+
+
+def task_identity() -> tuple[int, int, int]:
+    """``(rank, world size, local rank)`` of this process: torchrun-style variables first (the launcher
+    exports them for every task), then Slurm's; ``(0, 1, 0)`` outside a multi-task job."""
+    for names in (("RANK", "WORLD_SIZE", "LOCAL_RANK"), ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")):
+        if names[0] in os.environ and names[1] in os.environ:
+            rank, world = int(os.environ[names[0]]), int(os.environ[names[1]])
+            local = int(os.environ.get(names[2], rank))
+            if not 0 <= rank < world:
+                raise RuntimeError(f"{names[0]}={rank} is outside [0, {names[1]}={world})")
+            return rank, world, local
+    return 0, 1, 0
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
@@ -45,8 +71,11 @@ def _shard_done(output_uri: str, index: int, shard_fp: str) -> dict | None:
 
 
 def embed_one_shard(cfg: EmbedConfig, manifest_uri: str, output_uri: str, index: int,
-                    row_ids: np.ndarray, uris: list[str]) -> dict[str, Any]:
-    """Embed one shard and commit it (files first, marker last); skipped when already finished."""
+                    row_ids: np.ndarray, uris: list[str], device: str | None = None,
+                    rank: int = 0) -> dict[str, Any]:
+    """Embed one shard and commit it (files first, marker last); skipped when already finished.
+
+    ``device`` overrides ``cfg.device`` (a task's own GPU); ``rank`` is recorded in the marker."""
     import torch
 
     shard_fp = _shard_fingerprint(cfg, manifest_uri, row_ids)
@@ -59,7 +88,10 @@ def embed_one_shard(cfg: EmbedConfig, manifest_uri: str, output_uri: str, index:
     vectors: list[np.ndarray] = []
     views: list[np.ndarray] = []
     failed: dict[str, int] = {}
-    device = resolve_device(cfg.device) if cfg.model != "pixels" else "cpu"
+    if cfg.model == "pixels":
+        device = "cpu"
+    else:
+        device = device or resolve_device(cfg.device)
     backbone = load_model(cfg.model, cfg.checkpoint, cfg.arch, device) if cfg.model != "pixels" else None
     pending_ids: list[int] = []
     pending_images: list = []
@@ -97,8 +129,10 @@ def embed_one_shard(cfg: EmbedConfig, manifest_uri: str, output_uri: str, index:
     if views:
         save_npy(np.stack(views).astype(np.float32), join_uri(output_uri, name + ".views.npy"))
     info = {"fingerprint": shard_fp, "shard": index, "rows": len(kept_ids), "failed": failed, "dim": int(dim),
-            "views": bool(views), "seconds": round(time.perf_counter() - started, 3)}
+            "views": bool(views), "seconds": round(time.perf_counter() - started, 3), "rank": rank,
+            "device": device, "finished_at": time.time()}
     atomic_write_json(join_uri(output_uri, name + "._SUCCESS"), info)
+    log.info("embedded shard %d (%d rows) on rank %d, %s", index, len(kept_ids), rank, device)
     return {**info, "skipped": False}
 
 
@@ -114,12 +148,44 @@ def plan_shards(cfg: EmbedConfig, manifest_uri: str) -> list[tuple[int, np.ndarr
             for index, start in enumerate(range(0, len(uris), cfg.shard_size))]
 
 
-def embed_shards(cfg: EmbedConfig, manifest_uri: str, output_uri: str, shard_indices: list[int] | None = None) -> list[dict]:
-    """Embed the given shards (all when ``None``) sequentially in this process — one GPU job's work."""
+def embed_shards(cfg: EmbedConfig, manifest_uri: str, output_uri: str, shard_indices: list[int] | None = None,
+                 device: str | None = None, rank: int = 0) -> list[dict]:
+    """Embed the given shards (all when ``None``) sequentially in this process — one task's work."""
     plan = plan_shards(cfg, manifest_uri)
     wanted = set(shard_indices) if shard_indices is not None else None
-    return [embed_one_shard(cfg, manifest_uri, output_uri, index, ids, uris)
+    return [embed_one_shard(cfg, manifest_uri, output_uri, index, ids, uris, device=device, rank=rank)
             for index, ids, uris in plan if wanted is None or index in wanted]
+
+
+def task_device(cfg: EmbedConfig, local_rank: int) -> str:
+    """This task's device: its own GPU (``cuda:LOCAL_RANK``) when embedding on CUDA, else CPU."""
+    if cfg.model == "pixels":
+        return "cpu"
+    device = resolve_device(cfg.device)
+    return f"cuda:{local_rank}" if device == "cuda" else device
+
+
+def wait_for_shards(cfg: EmbedConfig, manifest_uri: str, output_uri: str,
+                    plan: list[tuple[int, np.ndarray, list[str]]], timeout_s: float) -> list[dict]:
+    """The markers of every shard of ``plan``, polling until the other tasks have written theirs;
+    ``TimeoutError`` naming the missing shards after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    fingerprints = {index: _shard_fingerprint(cfg, manifest_uri, ids) for index, ids, _ in plan}
+    found: dict[int, dict] = {}
+    while True:
+        for index, shard_fp in fingerprints.items():
+            if index not in found:
+                info = _shard_done(output_uri, index, shard_fp)
+                if info is not None:
+                    found[index] = info
+        missing = sorted(set(fingerprints) - set(found))
+        if not missing:
+            return [found[index] for index in sorted(found)]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"embed: {len(missing)} shard(s) still unfinished after {timeout_s:g} s "
+                               f"(e.g. {[shard_name(i) for i in missing[:5]]}): another task failed or is slow; "
+                               "re-run the job: finished shards are kept")
+        time.sleep(MARKER_POLL_S)
 
 
 def remove_stale_shards(output_uri: str, num_shards: int) -> list[str]:
@@ -140,18 +206,37 @@ def remove_stale_shards(output_uri: str, num_shards: int) -> list[str]:
     return stale
 
 
-def run_embed(cfg: EmbedConfig, manifest_uri: str, output_uri: str) -> dict[str, Any]:
-    """Embed every row of ``manifest_uri`` into shards under ``output_uri`` (parallel over shards)."""
+def run_embed(cfg: EmbedConfig, manifest_uri: str, output_uri: str,
+              wait_timeout_s: float = 24 * 3600.0) -> dict[str, Any]:
+    """Embed every row of ``manifest_uri`` into shards under ``output_uri`` (see the module docstring).
+
+    Returns the stage summary on the result holder (rank 0, or the only task); on the other ranks of a
+    multi-task job ``{"result_holder": False, "rank": r, "world_size": n, "shards_embedded": [...],
+    "shards_skipped": [...]}``. Rank 0 waits up to ``wait_timeout_s`` for the other tasks' shards."""
+    rank, world_size, local_rank = task_identity()
     stage_fp = fingerprint(cfg, manifest=manifest_uri)
     done = finished_result(output_uri, stage_fp)
     if done is not None:
-        return done
+        return done if rank == 0 else _not_result_holder(rank, world_size, [])
     plan = plan_shards(cfg, manifest_uri)
     started = time.perf_counter()
-    with dask_client(cfg.cluster) as client:
-        futures = [client.submit(embed_one_shard, cfg, manifest_uri, output_uri, index, ids, uris, pure=False)
-                   for index, ids, uris in plan]
-        shard_infos = client.gather(futures)
+    started_wall = time.time()
+    device = task_device(cfg, local_rank)
+    if world_size > 1 or device.startswith("cuda"):
+        mine = plan[rank::world_size]
+        own = [embed_one_shard(cfg, manifest_uri, output_uri, index, ids, uris, device=device, rank=rank)
+               for index, ids, uris in mine]
+        if rank != 0:
+            return _not_result_holder(rank, world_size, own)
+        shard_infos = wait_for_shards(cfg, manifest_uri, output_uri, plan, wait_timeout_s)
+        # a shard is "skipped" when its marker predates this run (clocks of one cluster agree to ~1 s)
+        for info in shard_infos:
+            info["skipped"] = info.get("finished_at", 0.0) < started_wall - 1.0
+    else:
+        with dask_client(cfg.cluster) as client:
+            futures = [client.submit(embed_one_shard, cfg, manifest_uri, output_uri, index, ids, uris, pure=False)
+                       for index, ids, uris in plan]
+            shard_infos = client.gather(futures)
     remove_stale_shards(output_uri, len(plan))
     seconds = time.perf_counter() - started
     failed: dict[str, int] = {}
@@ -169,8 +254,15 @@ def run_embed(cfg: EmbedConfig, manifest_uri: str, output_uri: str) -> dict[str,
         "model": cfg.model,
         "shards_skipped": sum(1 for info in shard_infos if info["skipped"]),
         "images_per_s": round(rows / seconds, 1) if seconds > 0 else None,
+        "tasks": world_size,
     }
     return mark_finished(output_uri, stage_fp, result)
+
+
+def _not_result_holder(rank: int, world_size: int, own: list[dict]) -> dict[str, Any]:
+    return {"result_holder": False, "rank": rank, "world_size": world_size,
+            "shards_embedded": [info["shard"] for info in own if not info["skipped"]],
+            "shards_skipped": [info["shard"] for info in own if info["skipped"]]}
 
 
 def load_embeddings(embeddings_uri: str, with_views: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
