@@ -13,11 +13,29 @@ from the official ``last_layer.weight_g``/``weight_v`` keys.
 
 from __future__ import annotations
 
+import math
+from functools import partial
+from typing import Any, Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.init import trunc_normal_
+
+
+#: Fills a tensor in place from its shape alone (and the global RNG), e.g. ``partial(trunc_normal_, std=0.02)``.
+ParameterInit = Callable[[Tensor], Any]
+
+
+def conv_default_inits(prefix: str, conv: nn.Conv2d) -> list[tuple[str, ParameterInit]]:
+    """``nn.Conv2d.reset_parameters`` as per-parameter inits (the bias bound comes from the weight's fan-in)."""
+    fan_in = conv.in_channels // conv.groups * math.prod(conv.kernel_size)
+    inits: list[tuple[str, ParameterInit]] = [(f"{prefix}.weight", partial(nn.init.kaiming_uniform_, a=5**0.5))]
+    if conv.bias is not None:
+        bound = 1 / math.sqrt(fan_in) if fan_in else 0.0
+        inits.append((f"{prefix}.bias", partial(nn.init.uniform_, a=-bound, b=bound)))
+    return inits
 
 
 class WeightNormLinear(nn.Module):
@@ -83,14 +101,28 @@ class DINOHead(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
+        for name, init in self.parameter_inits():
+            init(self.get_parameter(name))
         for module in self.mlp.modules():
+            if isinstance(module, nn.BatchNorm1d):
+                module.reset_running_stats()
+
+    def parameter_inits(self) -> list[tuple[str, ParameterInit]]:
+        """``(parameter name, in-place init)`` in init order; each depends only on the parameter's full shape
+        (see ``DinoVisionTransformer.parameter_inits``). BatchNorm running statistics are buffers, reset
+        by :meth:`init_weights` only."""
+        inits: list[tuple[str, ParameterInit]] = []
+        for prefix, module in self.mlp.named_modules(prefix="mlp"):
             if isinstance(module, nn.Linear):
-                trunc_normal_(module.weight, std=0.02)
+                inits.append((f"{prefix}.weight", partial(trunc_normal_, std=0.02)))
                 if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+                    inits.append((f"{prefix}.bias", nn.init.zeros_))
             elif isinstance(module, nn.BatchNorm1d):
-                module.reset_parameters()
-        self.last_layer.reset_parameters()
+                inits += [(f"{prefix}.weight", nn.init.ones_), (f"{prefix}.bias", nn.init.zeros_)]
+        # v starts like nn.Linear's default weight; g = 1 (not ‖v‖) as in the official DINO head
+        inits += [("last_layer.weight_v", partial(nn.init.kaiming_uniform_, a=5**0.5)),
+                  ("last_layer.weight_g", nn.init.ones_)]
+        return inits
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.mlp(x)

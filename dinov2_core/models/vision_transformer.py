@@ -20,6 +20,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn.init import trunc_normal_
 
+from dinov2_core.models.heads import ParameterInit, conv_default_inits
 from dinov2_core.models.layers.attention import ATTN_BACKENDS, AttnBackend
 from dinov2_core.models.layers.block import LAYER_NORM_EPS, Block
 from dinov2_core.models.layers.layer_scale import LayerScale
@@ -157,19 +158,29 @@ class DinoVisionTransformer(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """(Re-)initialise every parameter (recipe §1.1); also valid after ``to_empty`` from the meta device."""
-        trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.normal_(self.cls_token, std=1e-6)
+        for name, init in self.parameter_inits():
+            init(self.get_parameter(name))
+
+    def parameter_inits(self) -> list[tuple[str, ParameterInit]]:
+        """``(parameter name, in-place init)`` for every parameter, in the order :meth:`init_weights` draws
+        them. The init of one parameter depends only on its full shape, so a sharded trainer can draw each
+        one full-size, keep its shard, and get the same weights at any world size."""
+        inits: list[tuple[str, ParameterInit]] = [("pos_embed", partial(trunc_normal_, std=0.02)),
+                                                  ("cls_token", partial(nn.init.normal_, std=1e-6))]
         if self.register_tokens is not None:
-            nn.init.normal_(self.register_tokens, std=1e-6)
-        nn.init.zeros_(self.mask_token)
-        self.patch_embed.proj.reset_parameters()
-        for module in self.modules():
+            inits.append(("register_tokens", partial(nn.init.normal_, std=1e-6)))
+        inits.append(("mask_token", nn.init.zeros_))
+        inits.extend(conv_default_inits("patch_embed.proj", self.patch_embed.proj))
+        for prefix, module in self.named_modules():
             if isinstance(module, nn.Linear):
-                trunc_normal_(module.weight, std=0.02)
+                inits.append((f"{prefix}.weight", partial(trunc_normal_, std=0.02)))
                 if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, (nn.LayerNorm, LayerScale)):
-                module.reset_parameters()
+                    inits.append((f"{prefix}.bias", nn.init.zeros_))
+            elif isinstance(module, nn.LayerNorm):
+                inits += [(f"{prefix}.weight", nn.init.ones_), (f"{prefix}.bias", nn.init.zeros_)]
+            elif isinstance(module, LayerScale):
+                inits.append((f"{prefix}.gamma", partial(nn.init.constant_, val=float(module.init_values))))
+        return inits
 
     # ---------------------------------------------------------------- tokens
     def interpolate_pos_encoding(self, x: Tensor, w: int, h: int) -> Tensor:

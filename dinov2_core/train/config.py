@@ -134,6 +134,19 @@ class CheckpointConfig:
     period: int = 3750
     keep_last: int = 3
     resume: bool = True
+    #: On these signals the iteration in flight is finished and checkpointed, then the signal goes to the
+    #: handler installed before training (submitit's requeue) or, without one, the run exits with status 75.
+    #: Slurm sends USR2 before the time limit (``--signal=USR2@<s>``, submitit) and TERM on preemption.
+    save_on_signals: list[str] = field(default_factory=lambda: ["SIGUSR2", "SIGTERM"])
+
+    def validate(self) -> None:
+        from dinov2_core.train.preemption import parse_signal
+
+        for name in self.save_on_signals:
+            try:
+                parse_signal(name)
+            except ValueError as error:
+                raise ConfigError(f"checkpoint.save_on_signals: {error}") from None
 
 
 @dataclass

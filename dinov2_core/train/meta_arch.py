@@ -17,6 +17,7 @@ Per step (recipe §3 and §5.1):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from typing import Any
@@ -29,7 +30,7 @@ from dinov2_core.losses.ibot_patch import iBOTPatchLoss
 from dinov2_core.losses.koleo import KoLeoLoss
 from dinov2_core.models import DINOHead, build_backbone
 from dinov2_core.train.config import TrainConfig
-from dinov2_core.train.parallelize import ema_update
+from dinov2_core.train.parallelize import ema_update, initialise_parameters
 
 LOSS_KEYS = ("dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss", "total_loss")
 #: Logged next to the losses. ``dino_target_entropy`` is the mean entropy of the teacher's DINO targets
@@ -75,29 +76,56 @@ def build_heads(cfg: TrainConfig, embed_dim: int) -> dict[str, nn.Module]:
 
 
 class SSLMetaArch(nn.Module):
-    def __init__(self, cfg: TrainConfig, teacher: nn.ModuleDict | None = None) -> None:
-        """``teacher`` given → distillation: it is frozen and the student keeps a spare EMA instead."""
+    def __init__(self, cfg: TrainConfig, teacher: nn.ModuleDict | None = None, on_meta: bool = False) -> None:
+        """``teacher`` given → distillation: it is frozen and the student keeps a spare EMA instead.
+
+        ``on_meta``: build the networks (student, teacher, EMA) on the meta device, without memory or
+        init; the trainer shards them, materialises them with ``to_empty`` and calls
+        :meth:`initialise_weights`. The loss modules (small buffers) are always built for real.
+        """
         super().__init__()
         self.cfg = cfg
         self.distilling = teacher is not None
         arch = cfg.student.arch
-        # Distilled students train without stochastic depth (recipe §5.7).
-        student_backbone = build_backbone(arch, **backbone_kwargs(cfg, drop_path=not self.distilling))
-        self.student = nn.ModuleDict({"backbone": student_backbone, **build_heads(cfg, student_backbone.embed_dim)})
-        if teacher is None:
-            teacher_backbone = build_backbone(arch, **backbone_kwargs(cfg, drop_path=False))
-            teacher = nn.ModuleDict({"backbone": teacher_backbone, **build_heads(cfg, teacher_backbone.embed_dim)})
-            teacher.load_state_dict(self.student.state_dict())
-        self.teacher = teacher
+        with torch.device("meta") if on_meta else contextlib.nullcontext():
+            # Distilled students train without stochastic depth (recipe §5.7).
+            student_backbone = build_backbone(arch, **backbone_kwargs(cfg, drop_path=not self.distilling))
+            self.student = nn.ModuleDict({"backbone": student_backbone,
+                                          **build_heads(cfg, student_backbone.embed_dim)})
+            if teacher is None:
+                teacher_backbone = build_backbone(arch, **backbone_kwargs(cfg, drop_path=False))
+                teacher = nn.ModuleDict({"backbone": teacher_backbone, **build_heads(cfg, teacher_backbone.embed_dim)})
+            self.teacher = teacher
+            if self.distilling:
+                self.model_ema = copy.deepcopy(self.student)
+                self.model_ema.requires_grad_(False)
         self.teacher.requires_grad_(False)
         self.teacher.eval()
-        if self.distilling:
-            self.model_ema = copy.deepcopy(self.student)
-            self.model_ema.requires_grad_(False)
+        if not on_meta:
+            self.copy_student_to_ema()
         self.dino_loss = DINOLoss(cfg.dino.head_n_prototypes)
         ibot_dim = cfg.ibot.head_n_prototypes if cfg.ibot.separate_head else cfg.dino.head_n_prototypes
         self.ibot_patch_loss = iBOTPatchLoss(ibot_dim)
         self.koleo_loss = KoLeoLoss()
+
+    def networks(self) -> list[nn.ModuleDict]:
+        """The backbone + heads groups that are sharded and checkpointed: student, teacher (, student EMA)."""
+        return [self.student, self.teacher] + ([self.model_ema] if self.distilling else [])
+
+    @torch.no_grad()
+    def initialise_weights(self) -> None:
+        """Official init of the student (sharded or not, after ``to_empty``: the same weights at any world
+        size for a given seed, see ``parallelize.initialise_parameters``); the EMA target
+        (teacher, or ``model_ema`` when distilling) starts as its copy. A distillation teacher is loaded
+        separately (``phases.initialise_phase_model``)."""
+        for module in self.student.values():
+            initialise_parameters(module)
+        self.copy_student_to_ema()
+
+    @torch.no_grad()
+    def copy_student_to_ema(self) -> None:
+        target = self.model_ema if self.distilling else self.teacher
+        target.load_state_dict(self.student.state_dict())
 
     def train(self, mode: bool = True) -> "SSLMetaArch":
         super().train(mode)

@@ -7,6 +7,11 @@
   directory, an export directory (teacher backbone + heads into both student and teacher) or an
   official hub ``.pth`` (backbone only; fresh heads). The position embedding is interpolated once
   to the new global crop grid and replaces the parameter.
+
+The model is built on the meta device and materialised sharded (or plain, at one rank) before any
+weights arrive: DCP checkpoints are read straight into the shards, and weight files are read on rank 0
+only and broadcast (``set_model_state_dict(..., broadcast_from_rank0=True)``), so no rank holds a
+full-size copy of a model it only has a shard of.
 - ``distill``: the frozen teacher (backbone **and** heads) comes from ``distill.teacher_path``, a
   training output directory or its ``export/`` directory. Official hub weights carry no heads, so
   they cannot be a distillation teacher directly: first run a short ``highres`` (or ``pretrain``)
@@ -15,16 +20,25 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
-from dinov2_core.models import DINOHead
-from dinov2_core.models.checkpoint_io import extract_backbone_state_dict, load_backbone, load_state_dict_strict
+from dinov2_core.models import DINOHead, build_backbone_from_spec
+from dinov2_core.models.checkpoint_io import (
+    BACKBONE_FILE,
+    SPEC_FILE,
+    CheckpointMismatchError,
+    chunk_state_dict,
+    extract_backbone_state_dict,
+)
 from dinov2_core.models.layers.pos_embed import interpolate_pos_embed
 from dinov2_core.train.checkpointing import CheckpointManager
 from dinov2_core.train.config import TrainConfig, load_train_config
@@ -63,58 +77,117 @@ def _dcp_checkpoint(path: Path) -> Path | None:
     return None
 
 
-def _load_heads(export_dir: Path) -> dict[str, Any] | None:
+def _read_heads(export_dir: Path, mmap: bool) -> dict[str, Any] | None:
+    """``heads.pth`` of an export; ``mmap`` reads only what is touched (the head config, on every rank)."""
     heads_file = export_dir / HEADS_FILE
     if not heads_file.exists():
         return None
-    return torch.load(heads_file, map_location="cpu", weights_only=True)
+    return torch.load(heads_file, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _agree_on_error(error: Exception | None) -> None:
+    """Collective: raise rank 0's error (a mismatch found while reading weights) on every rank."""
+    box = [error]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise box[0]
+
+
+def _check_state(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Strict key and shape check of a full state dict against a (sharded or meta) module."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {expected[k]}"
+                    for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
+    if missing or unexpected or shapes:
+        raise ConfigError(f"{what}: {CheckpointMismatchError(missing, unexpected, shapes)}")
+
+
+def _broadcast_full_state(module: nn.Module, read: Callable[[], dict[str, torch.Tensor]], what: str) -> None:
+    """Collective: rank 0 reads a full state dict (``read``), checks it strictly against ``module`` and
+    broadcasts it into every rank's shards; no other rank holds a full copy."""
+    state: dict[str, torch.Tensor] = {}
+    error = None
+    if _is_main():
+        try:
+            state = read()
+            _check_state(module, state, what)
+        except (ConfigError, OSError, ValueError, RuntimeError) as caught:
+            error = caught if isinstance(caught, ConfigError) else ConfigError(f"{what}: {caught}")
+    _agree_on_error(error)
+    set_model_state_dict(module, state,
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True))
+
+
+def _backbone_layout(state: dict[str, torch.Tensor], backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """Hub-named backbone weights → ``backbone``'s own keys (block chunks) and position-embedding grid."""
+    state = resize_pos_embed(state, backbone)
+    return chunk_state_dict(state, backbone.n_blocks, len(backbone.blocks) if backbone.chunked_blocks else 0)
 
 
 def _init_from_dcp(meta: SSLMetaArch, checkpoint: Path) -> None:
+    """Collective: read a pretraining checkpoint straight into the shards (DCP reshards); only the
+    position embeddings (small) are read whole, then interpolated to this run's grid."""
     source_cfg = load_train_config(str(checkpoint.parent.parent / "config.yaml"))
     if source_cfg.phase == "distill":
         raise ConfigError(f"init_from: {checkpoint} is a distillation checkpoint; use its export/ directory instead")
-    source = SSLMetaArch(source_cfg)
-    state = {"model": source.state_dict()}
-    dcp.load(state, checkpoint_id=str(checkpoint))
-    adapted = dict(state["model"])
-    for side in ("student", "teacher"):
-        prefix = f"{side}.backbone."
-        backbone_state = {k[len(prefix):]: v for k, v in adapted.items() if k.startswith(prefix)}
-        backbone_state = resize_pos_embed(backbone_state, getattr(meta, side)["backbone"])
-        adapted.update({prefix + k: v for k, v in backbone_state.items()})
-    missing, unexpected = meta.load_state_dict(adapted, strict=False)
+    saved = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    state = get_model_state_dict(meta)
+    model_keys = {key[len("model."):] for key in saved if key.startswith("model.")}
+    missing, unexpected = sorted(set(state) - model_keys), sorted(model_keys - set(state))
     if missing or unexpected:
         raise ConfigError(f"init_from: checkpoint {checkpoint} does not match this config "
-                          f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}); the heads and "
+                          f"(missing {missing[:5]}, unexpected {unexpected[:5]}); the heads and "
                           "backbone arch must equal the source run's")
+    pos_keys = [f"{side}.backbone.pos_embed" for side in ("student", "teacher")]
+    for key in pos_keys:
+        stored = saved[f"model.{key}"]
+        state[key] = torch.empty(stored.size, dtype=stored.properties.dtype)
+    loaded = {"model": state}
+    dcp.load(loaded, checkpoint_id=str(checkpoint))
+    set_model_state_dict(meta, {k: v for k, v in loaded["model"].items() if k not in pos_keys},
+                         options=StateDictOptions(strict=False))
+    for side in ("student", "teacher"):
+        backbone = getattr(meta, side)["backbone"]
+        resized = resize_pos_embed({"pos_embed": loaded["model"][f"{side}.backbone.pos_embed"]}, backbone)
+        set_model_state_dict(backbone, resized, options=StateDictOptions(full_state_dict=True, strict=False))
     log.info("initialised student and teacher from %s", checkpoint)
 
 
 def _init_from_weights(meta: SSLMetaArch, path: Path) -> None:
     export_dir = _export_dir(path)
-    if export_dir is not None:
-        backbone_state = load_backbone(str(export_dir)).state_dict()
-        heads = _load_heads(export_dir)
-    else:
-        backbone_state = extract_backbone_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        heads = None
+    has_heads = export_dir is not None and (export_dir / HEADS_FILE).exists()
+    backbone_file = export_dir / BACKBONE_FILE if export_dir is not None else path
+
+    def read_backbone() -> dict[str, torch.Tensor]:
+        return extract_backbone_state_dict(torch.load(backbone_file, map_location="cpu", weights_only=True, mmap=True))
+
+    heads = _read_heads(export_dir, mmap=True) if has_heads else None
     for side in (meta.student, meta.teacher):
-        load_state_dict_strict(side["backbone"], resize_pos_embed(backbone_state, side["backbone"]))
+        backbone = side["backbone"]
+        _broadcast_full_state(backbone, lambda: _backbone_layout(read_backbone(), backbone), f"init_from {path}")
+        if heads is None:
+            continue
         for name, module in side.items():
             if name == "backbone":
                 continue
-            if heads is None:
-                continue
             if name not in heads:
-                raise ConfigError(f"init_from: {path} has no {name} (heads.pth holds {sorted(heads)}); "
-                                  "set ibot.separate_head to match the source run")
-            module.load_state_dict(heads[name], strict=True)
+                raise ConfigError(f"init_from: {path} has no {name} (heads.pth holds "
+                                  f"{sorted(k for k in heads if k != 'config')}); set ibot.separate_head to "
+                                  "match the source run")
+            _broadcast_full_state(module, lambda: dict(heads[name]), f"init_from {path} ({name})")
     if heads is None:
         log.warning("init_from %s has no heads.pth: the heads start from scratch", path)
 
 
 def initialise_from(meta: SSLMetaArch, init_from: str) -> None:
+    """Collective: load ``init_from`` into the materialised (sharded or plain) model."""
     path = Path(init_from)
     if not path.exists():
         raise ConfigError(f"init_from: {init_from!r} does not exist")
@@ -128,8 +201,7 @@ def initialise_from(meta: SSLMetaArch, init_from: str) -> None:
                           "an export directory (model.json + backbone.pth) nor a .pth file")
 
 
-def load_distillation_teacher(cfg: TrainConfig) -> nn.ModuleDict:
-    """Frozen teacher backbone + heads from a training output directory or its export directory."""
+def _teacher_export_dir(cfg: TrainConfig) -> Path:
     path = Path(cfg.distill.teacher_path)
     export_dir = _export_dir(path) if path.is_dir() else None
     if export_dir is None:
@@ -139,7 +211,14 @@ def load_distillation_teacher(cfg: TrainConfig) -> nn.ModuleDict:
             "distillation needs to produce targets: run a short phase with init_from=<hub .pth> first "
             "(e.g. configs/train/vitg14_highres.yaml) and distill from its output directory"
         )
-    heads = _load_heads(export_dir)
+    return export_dir
+
+
+def distillation_teacher_skeleton(cfg: TrainConfig) -> nn.ModuleDict:
+    """The frozen teacher's backbone + heads on the meta device, shaped from the export's ``model.json`` and
+    the head config in ``heads.pth``; its weights come later (:func:`load_distillation_teacher_weights`)."""
+    export_dir = _teacher_export_dir(cfg)
+    heads = _read_heads(export_dir, mmap=True)
     if heads is None:
         raise ConfigError(f"distill.teacher_path: {export_dir} has no {HEADS_FILE}; distillation needs the "
                           "teacher's DINO/iBOT heads (see docs/training.md, 'Distillation')")
@@ -153,22 +232,47 @@ def load_distillation_teacher(cfg: TrainConfig) -> nn.ModuleDict:
         if getattr(getattr(cfg, section), name) != value:
             raise ConfigError(f"{key}: {getattr(getattr(cfg, section), name)!r} differs from the teacher's "
                               f"{value!r}; allowed: {value!r} (student heads project to the teacher's prototypes)")
-    backbone = load_backbone(str(export_dir))
-    teacher = nn.ModuleDict({"backbone": backbone})
-    for name in ("dino_head", "ibot_head"):
-        if name in heads:
-            section = head_cfg["dino" if name == "dino_head" else "ibot"]
-            head = DINOHead(backbone.embed_dim, section["head_n_prototypes"], nlayers=section["head_nlayers"],
-                            hidden_dim=section["head_hidden_dim"], bottleneck_dim=section["head_bottleneck_dim"])
-            head.load_state_dict(heads[name], strict=True)
-            teacher[name] = head
+    spec = json.loads((export_dir / SPEC_FILE).read_text())
+    with torch.device("meta"):
+        backbone = build_backbone_from_spec(spec)
+        teacher = nn.ModuleDict({"backbone": backbone})
+        for name in ("dino_head", "ibot_head"):
+            if name in heads:
+                section = head_cfg["dino" if name == "dino_head" else "ibot"]
+                teacher[name] = DINOHead(backbone.embed_dim, section["head_n_prototypes"],
+                                         nlayers=section["head_nlayers"], hidden_dim=section["head_hidden_dim"],
+                                         bottleneck_dim=section["head_bottleneck_dim"])
     return teacher
 
 
+def load_distillation_teacher_weights(meta: SSLMetaArch, cfg: TrainConfig) -> None:
+    """Collective: the frozen teacher's weights, read on rank 0 and broadcast into the shards."""
+    export_dir = _teacher_export_dir(cfg)
+    backbone = meta.teacher["backbone"]
+
+    def read_backbone() -> dict[str, torch.Tensor]:
+        hub = torch.load(export_dir / BACKBONE_FILE, map_location="cpu", weights_only=True, mmap=True)
+        return _backbone_layout(extract_backbone_state_dict(hub), backbone)
+
+    _broadcast_full_state(backbone, read_backbone, f"distill.teacher_path {export_dir}")
+    heads = _read_heads(export_dir, mmap=True)
+    for name, module in meta.teacher.items():
+        if name != "backbone":
+            _broadcast_full_state(module, lambda: dict(heads[name]), f"distill.teacher_path {export_dir} ({name})")
+
+
 def build_phase_model(cfg: TrainConfig, context: Any) -> SSLMetaArch:
+    """The phase's model on the meta device (no memory yet): shard/materialise it, then call
+    :func:`initialise_phase_model`."""
+    teacher = distillation_teacher_skeleton(cfg) if cfg.phase == "distill" else None
+    return SSLMetaArch(cfg, teacher=teacher, on_meta=True)
+
+
+def initialise_phase_model(meta: SSLMetaArch, cfg: TrainConfig) -> None:
+    """Collective, after materialisation: official init of the student (and its EMA copy), then the
+    weights the phase starts from (``init_from``, or the frozen distillation teacher)."""
+    meta.initialise_weights()
     if cfg.phase == "distill":
-        return SSLMetaArch(cfg, teacher=load_distillation_teacher(cfg))
-    meta = SSLMetaArch(cfg)
-    if cfg.init_from:
+        load_distillation_teacher_weights(meta, cfg)
+    elif cfg.init_from:
         initialise_from(meta, cfg.init_from)
-    return meta

@@ -1,8 +1,11 @@
 """The training loop shared by the three phases (pretrain, highres, distill).
 
-``run_training(cfg, output_dir)``: join/create the process group, build the phase's model, shard it
-with FSDP2, resume from the newest complete checkpoint if any, then run iterations
-``start … max_iter`` (inclusive, as the official loop) and export the published backbone.
+``run_training(cfg, output_dir)``: join/create the process group, build the phase's model on the meta
+device, shard it with FSDP2 (more than one rank) and materialise it on the device, initialise it, resume
+from the newest complete checkpoint if any, then run iterations ``start … max_iter`` (inclusive, as the
+official loop) and export the published backbone. On one of ``checkpoint.save_on_signals`` (Slurm's
+time-limit warning, preemption) the iteration in flight finishes, is checkpointed, and the signal is
+handed to the previous handler (:mod:`dinov2_core.train.preemption`).
 """
 
 from __future__ import annotations
@@ -32,11 +35,16 @@ from dinov2_core.train.nan_guard import NanGuard
 from dinov2_core.train.param_groups import apply_schedule_to_groups, build_param_groups
 from dinov2_core.train.parallelize import (
     apply_activation_checkpointing,
+    apply_autocast,
     apply_compile,
+    build_adamw,
+    clip_grad_norms,
     compute_dtype,
     shard_model,
+    shards_parameters,
 )
-from dinov2_core.train.phases import build_phase_model
+from dinov2_core.train.phases import build_phase_model, initialise_phase_model
+from dinov2_core.train.preemption import SaveOnSignal
 from dinov2_core.train.schedules import build_schedules
 from dinov2_core.utils.atomic import atomic_write_text
 from dinov2_core.utils.config import to_dict
@@ -56,35 +64,41 @@ def write_resolved_config(cfg: TrainConfig, output_dir: Path) -> None:
     atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def parallelize(meta: SSLMetaArch, cfg: TrainConfig, device: torch.device) -> torch.dtype:
-    """Move to the device and shard every backbone and head; returns the compute dtype."""
+def parallelize(meta: SSLMetaArch, cfg: TrainConfig, context: DistributedContext) -> torch.dtype:
+    """Shard every backbone and head (more than one rank) and materialise the meta-device model on the
+    device, uninitialised; returns the compute dtype."""
+    device = context.device
     dtype = compute_dtype(device, cfg.parallel.mixed_precision)
-    meta.to(device)
-    groups = [meta.student, meta.teacher] + ([meta.model_ema] if meta.distilling else [])
-    for group in groups:
+    sharded = shards_parameters(context.world_size)
+    networks = meta.networks()
+    for child in meta.children():
+        if not any(child is network for network in networks):
+            child.to(device)  # loss modules: real (small) buffers
+    for group in networks:
         for name, module in group.items():
             if name == "backbone":
                 if group is meta.student and cfg.parallel.activation_checkpointing:
                     apply_activation_checkpointing(module)
                 if cfg.parallel.compile:
                     apply_compile(module)
-            shard_model(module, dtype, cfg.parallel.reshard_after_forward, is_backbone=name == "backbone")
+            if sharded:
+                shard_model(module, dtype, cfg.parallel.reshard_after_forward, is_backbone=name == "backbone")
+            else:
+                apply_autocast(module, device, dtype)
+        group.to_empty(device=device)
     return dtype
 
 
-def clip_grad_norm_sharded(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Clip the global gradient norm of sharded (DTensor) parameters; returns the norm before clipping."""
-    grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    squares = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(squares)
-    total = squares.sqrt()
-    if max_norm > 0:
-        coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        torch._foreach_mul_(grads, coefficient.to(grads[0].dtype))
-    return total
+def build_model(cfg: TrainConfig, context: DistributedContext,
+                initialise: bool = True) -> tuple[SSLMetaArch, torch.dtype]:
+    """Collective: the phase's model, sharded and on the device, and its compute dtype.
+    ``initialise=False`` leaves the weights uninitialised, for a caller that loads a full checkpoint next."""
+    meta = build_phase_model(cfg, context)
+    dtype = parallelize(meta, cfg, context)
+    if initialise:
+        seed_everything(cfg.train.seed)  # same on every rank: each draws every parameter full-size, keeps its shard
+        initialise_phase_model(meta, cfg)
+    return meta, dtype
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -132,19 +146,14 @@ class Trainer:
         if context.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             write_resolved_config(cfg, self.output_dir)
-        # Same seed on every rank while building: FSDP2 keeps each rank's own init of its shard.
-        seed_everything(cfg.train.seed)
-        self.meta = build_phase_model(cfg, context)
+        self.meta, self.dtype = build_model(cfg, context)
         seed_everything(cfg.train.seed + context.rank)  # drop path and the like differ per rank
-        self.dtype = parallelize(self.meta, cfg, context.device)
         student = self.meta.student
         backbone = student["backbone"]
-        self.optimizer = torch.optim.AdamW(
+        self.optimizer = build_adamw(
             build_param_groups(student.named_parameters(), backbone.n_blocks, backbone.chunked_blocks,
                                cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult),
             betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2),
-            lr=0.0,
-            foreach=True,
         )
         self.schedules = build_schedules(cfg, context.world_size)
         self.checkpoints = CheckpointManager(self.output_dir, cfg.checkpoint.keep_last, context.rank, context.world_size)
@@ -193,8 +202,7 @@ class Trainer:
         if verdict != "ok":
             return verdict, losses
         loss.backward()
-        for module in self.meta.student.values():
-            clip_grad_norm_sharded([p for p in module.parameters() if p.requires_grad], self.cfg.optim.clip_grad)
+        clip_grad_norms(list(self.meta.student.values()), self.cfg.optim.clip_grad)
         self.optimizer.step()
         momentum = self.cfg.distill.ema_momentum if self.meta.distilling else values["momentum"]
         self.meta.update_teacher(momentum)
@@ -211,6 +219,7 @@ class Trainer:
         min_rows = 2 if cfg.dino.koleo_loss_weight > 0 else 1
         last_saved = None
         self.meta.train()
+        save_on_signal = SaveOnSignal(cfg.checkpoint.save_on_signals).install()
         try:
             while self.iteration <= max_iter:
                 started = time.perf_counter()
@@ -244,8 +253,17 @@ class Trainer:
                 due = (self.iteration + 1) % cfg.checkpoint.period == 0 or self.iteration == max_iter
                 if due and verdict == "ok":
                     last_saved = self.save(self.iteration)
+                signum = save_on_signal.agreed_signal(self.ctx.device)
+                # A dropped (non-finite) step changed nothing since the newest checkpoint worth keeping.
+                if signum and verdict == "ok" and not due:
+                    last_saved = self.save(self.iteration)
                 self.iteration += 1
+                if signum:
+                    if self.ctx.is_main:
+                        log.warning("signal %d: checkpoint written at iteration %d", signum, self.iteration - 1)
+                    save_on_signal.hand_over(signum, self.iteration - 1)
         finally:
+            save_on_signal.uninstall()
             metrics.close()
         export_dir = export_model(self.meta, cfg, self.output_dir, self.ctx)
         return {"iteration": self.iteration - 1, "export_dir": str(export_dir), "checkpoint": str(last_saved or ""),
@@ -259,9 +277,7 @@ def export_from_checkpoint(cfg: TrainConfig, output_dir: str | os.PathLike,
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
     context = init_distributed(cfg.parallel.device)
     try:
-        seed_everything(cfg.train.seed)
-        meta = build_phase_model(cfg, context)
-        parallelize(meta, cfg, context.device)
+        meta, _ = build_model(cfg, context, initialise=False)  # the checkpoint holds every weight
         manager = CheckpointManager(output_dir, cfg.checkpoint.keep_last, context.rank, context.world_size)
         path = Path(checkpoint) if checkpoint else manager.latest()
         if path is None:
