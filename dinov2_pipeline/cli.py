@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "dinov2_pipeline.commands.evaluate",   # eval
     "dinov2_pipeline.commands.curation",   # ingest, embed, dedup, curate
     "dinov2_pipeline.commands.pipeline",   # run, resume, status, compare, deploy, demo
+    "dinov2_pipeline.commands.export",     # export (hub, timm, hf, full)
 )
 
 
