@@ -25,17 +25,18 @@ from dinov2_core.utils.uri import join_uri
 from curation import knn
 from curation.config import CurateConfig
 from curation.embed import load_embeddings
-from curation.kmeans import KMeansLevel, assign, hierarchical_kmeans, leaf_sizes
+from curation.kmeans import KMeansLevel, assign, hierarchical_kmeans, kmeans_index, leaf_sizes
 from curation.plots import cluster_sizes_png
 from curation.sampling import hierarchical_sampling
 from curation.stage_io import fingerprint, finished_result, mark_finished, read_parquet, write_parquet
 
 
-def retrieve(pool: np.ndarray, seeds: np.ndarray, k: int, use_gpu: str = "auto") -> np.ndarray:
-    """Sorted unique pool indices among the ``k`` nearest neighbours of every seed."""
+def retrieve(pool: np.ndarray, seeds: np.ndarray, k: int, use_gpu: str = "auto") -> tuple[np.ndarray, str]:
+    """Sorted unique pool indices among the ``k`` nearest neighbours of every seed, and the faiss index
+    class that searched them (``Gpu…`` when on GPU)."""
     index = knn.build_index(pool, "auto", gpu=use_gpu)
     _, ids = knn.search(index, seeds, k)
-    return np.unique(ids[ids >= 0])
+    return np.unique(ids[ids >= 0]), f"faiss.{type(index).__name__}"
 
 
 def _cluster(cfg: CurateConfig, vectors: np.ndarray) -> list[KMeansLevel]:
@@ -61,16 +62,18 @@ def run_curate(cfg: CurateConfig, manifest_uri: str, embeddings_uri: str, output
     seeds = load_embeddings(seed_embeddings_uri)[1] if seed_embeddings_uri else None
 
     candidates = np.arange(len(pool_ids))
+    indexes: dict[str, str] = {}
     if cfg.mode in ("retrieval", "retrieval+balanced"):
-        candidates = retrieve(pool, seeds, cfg.retrieval_k, cfg.use_gpu)
+        candidates, indexes["retrieval_index"] = retrieve(pool, seeds, cfg.retrieval_k, cfg.use_gpu)
 
     levels: list[KMeansLevel] = []
     if cfg.mode == "retrieval":
         selected = candidates
     else:
         levels = _cluster(cfg, pool[candidates])
+        indexes["kmeans_index"] = kmeans_index(cfg.use_gpu, cfg.spherical)
         if cfg.mode == "cluster_retrieval":
-            seed_clusters, _ = assign(seeds, levels[0].centroids, spherical=cfg.spherical)
+            seed_clusters, _ = assign(seeds, levels[0].centroids, spherical=cfg.spherical, gpu=cfg.use_gpu)
             hit = np.unique(seed_clusters)
             chosen = hierarchical_sampling(levels[:1], cfg.target_size, cfg.seed, cfg.sampling_strategy, hit)
         else:
@@ -83,7 +86,7 @@ def run_curate(cfg: CurateConfig, manifest_uri: str, embeddings_uri: str, output
     write_parquet(table.filter(keep), manifest_out)
 
     stats: dict[str, Any] = {"mode": cfg.mode, "pool_size": int(len(pool_ids)), "candidates": int(len(candidates)),
-                             "selected": int(len(selected_ids)), "target_size": cfg.target_size}
+                             "selected": int(len(selected_ids)), "target_size": cfg.target_size, **indexes}
     plot_uri = join_uri(output_uri, "cluster_sizes.png")
     if levels:
         before = leaf_sizes(levels)
@@ -106,5 +109,5 @@ def run_curate(cfg: CurateConfig, manifest_uri: str, embeddings_uri: str, output
     atomic_write_json(stats_uri, stats)
     result = {"manifest": manifest_out, "stats": stats_uri, "cluster_sizes_png": plot_uri,
               "num_pool": stats["pool_size"], "num_selected": stats["selected"], "mode": cfg.mode,
-              "seconds": stats["seconds"]}
+              "seconds": stats["seconds"], **indexes}
     return mark_finished(output_uri, stage_fp, result)

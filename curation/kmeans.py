@@ -12,6 +12,9 @@ sends every point without a nearby centroid to the centroid of smallest norm (a 
 concepts), which grew one cluster to a quarter of the data in our measurements; cosine assignment
 does not have that failure.
 
+Training and assignment run on the GPUs faiss sees (the ``gpu`` extra, faiss-gpu) unless ``gpu`` is
+``never``; :func:`kmeans_index` names the index used, which the curate stage records in its stats.
+
 ``faiss.Kmeans`` silently subsamples its training set to ``k × max_points_per_centroid``; the
 default here is raised so that every point takes part.
 """
@@ -43,6 +46,15 @@ class KMeansLevel:
         return [order[bounds[c]:bounds[c + 1]] for c in range(len(self.centroids))]
 
 
+def kmeans_index(gpu: Literal["auto", "never", "always"], spherical: bool) -> str:
+    """The faiss index k-means trains and assigns with, e.g. ``faiss.IndexFlatIP (cpu)`` or
+    ``faiss.IndexFlatL2 (gpu x 2)``."""
+    from curation.knn import gpu_count
+
+    name = "faiss.IndexFlatIP" if spherical else "faiss.IndexFlatL2"
+    return f"{name} (gpu x {gpu_count()})" if use_gpu(gpu) else f"{name} (cpu)"
+
+
 def kmeans(x: np.ndarray, k: int, n_iters: int, seed: int, max_points_per_centroid: int,
            init: str = "kmeans++", gpu: Literal["auto", "never", "always"] = "never",
            spherical: bool = False) -> np.ndarray:
@@ -61,10 +73,10 @@ def kmeans(x: np.ndarray, k: int, n_iters: int, seed: int, max_points_per_centro
     return model.centroids.copy()
 
 
-def assign(x: np.ndarray, centroids: np.ndarray, batch: int = 262_144,
-           spherical: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def assign(x: np.ndarray, centroids: np.ndarray, batch: int = 262_144, spherical: bool = False,
+           gpu: Literal["auto", "never", "always"] = "never") -> tuple[np.ndarray, np.ndarray]:
     """``(labels, distances)`` of the nearest centroid of every row of ``x``: squared L2, or
-    ``1 − cosine`` to the unit-normalised centroids if ``spherical``."""
+    ``1 − cosine`` to the unit-normalised centroids if ``spherical``; on faiss's GPUs unless ``never``."""
     import faiss
 
     centroids = np.ascontiguousarray(centroids, dtype=np.float32)
@@ -73,6 +85,8 @@ def assign(x: np.ndarray, centroids: np.ndarray, batch: int = 262_144,
         index = faiss.IndexFlatIP(centroids.shape[1])
     else:
         index = faiss.IndexFlatL2(centroids.shape[1])
+    if use_gpu(gpu):
+        index = faiss.index_cpu_to_all_gpus(index)
     index.add(centroids)
     labels = np.empty(len(x), dtype=np.int64)
     distances = np.empty(len(x), dtype=np.float32)
@@ -103,12 +117,12 @@ def kmeans_with_resampling(x: np.ndarray, n_clusters: int, n_resampling_steps: i
     """One level of hierarchical k-means: plain k-means, then ``n_resampling_steps − 1`` resampling steps."""
     rng = np.random.default_rng(seed)
     centroids = kmeans(x, n_clusters, n_iters, seed, max_points_per_centroid, init, gpu, spherical)
-    level = KMeansLevel(centroids, *assign(x, centroids, spherical=spherical))
+    level = KMeansLevel(centroids, *assign(x, centroids, spherical=spherical, gpu=gpu))
     for step in range(1, n_resampling_steps):
         per_cluster = sample_size or max(1, len(x) // (2 * len(level.centroids)))
         sample = resample(level, per_cluster, strategy, rng)
         centroids = kmeans(x[sample], n_clusters, n_iters, seed + step, max_points_per_centroid, init, gpu, spherical)
-        level = KMeansLevel(centroids, *assign(x, centroids, spherical=spherical))
+        level = KMeansLevel(centroids, *assign(x, centroids, spherical=spherical, gpu=gpu))
     return level
 
 
