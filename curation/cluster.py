@@ -33,7 +33,8 @@ def _start_cluster(cfg: ClusterConfig):
             from dask_jobqueue import SLURMCluster
         except ImportError as err:
             raise ConfigError(
-                "cluster.kind: 'slurm' needs the dask-jobqueue package (pip install dask-jobqueue); "
+                "cluster.kind: 'slurm' needs the dask-jobqueue package, in the 'slurm' extra "
+                "(pip install -e '.[slurm]' or pip install dask-jobqueue==0.9.0); "
                 "allowed without it: ['local', 'address']"
             ) from err
         cluster = SLURMCluster(
