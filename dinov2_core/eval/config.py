@@ -140,9 +140,13 @@ class DenseConfig:
 
 @dataclass
 class PcaConfig:
+    """The PCA feature-map figure (``pca_maps.png``) of the first ``num_images`` test images."""
+
     num_images: int = 4
-    #: keep patches whose first component exceeds this (after min-max to [0, 1]); null = all patches
-    foreground_threshold: float | None = None
+    #: foreground = patches whose first component (oriented so the image border scores low, min-max
+    #: scaled to [0, 1]) exceeds this; the colours are a PCA of the foreground only, the background is
+    #: black (as in the DINOv2 paper); null = no masking, one PCA over all patches
+    foreground_threshold: float | None = 0.5
 
     def validate(self) -> None:
         if self.num_images < 1:
