@@ -578,8 +578,9 @@ def load_training_state(directory: str | os.PathLike) -> TrainingState:
 
 
 # ------------------------------------------------------------- driver
-def export(src: str | os.PathLike | ExportSource, out_dir: str | os.PathLike, formats: list[str] | tuple[str, ...] = FORMATS,
-           img_size: int | None = None, weights_format: WeightsFormat = "auto", overwrite: bool = False) -> dict:
+def export(src: str | os.PathLike | ExportSource, out_dir: str | os.PathLike,
+           formats: list[str] | tuple[str, ...] = FORMATS, img_size: int | None = None,
+           weights_format: WeightsFormat = "auto", overwrite: bool = False) -> dict:
     """Export ``src`` (a path for :func:`read_export_source`, or its result) to ``<out_dir>/<format>/`` for each
     of ``formats``; returns ``{format: info}``.
 

@@ -13,7 +13,12 @@ import pytest
 import torch
 
 from dinov2_core.models import build_backbone
-from dinov2_core.models.checkpoint_io import export_backbone_dir, load_backbone, to_official_state_dict
+from dinov2_core.models.checkpoint_io import (
+    export_backbone_dir,
+    load_backbone,
+    to_official_state_dict,
+    unchunk_state_dict,
+)
 from dinov2_core.models.export_formats import (
     ExportError,
     complete_state_dict,
@@ -110,7 +115,8 @@ def test_vit_small_exports_and_hub_builder_layout(tmp_path, registers):
     x = torch.randn(1, 3, 28, 28)
     check_timm(model, results["timm"], tmp_path / "out" / "timm", x)
     check_hf(model, tmp_path / "out" / "hf", x)
-    assert results["timm"]["timm_model"] == ("vit_small_patch14_reg4_dinov2" if registers else "vit_small_patch14_dinov2")
+    reg = "_reg4" if registers else ""
+    assert results["timm"]["timm_model"] == f"vit_small_patch14{reg}_dinov2"
     assert results["timm"]["timm_kwargs"] == {"img_size": 28, "num_classes": 0}
     builder = "dinov2_vits14_reg" if registers else "dinov2_vits14"
     assert results["hub"]["official_builder"] == builder and f"'{builder}', pretrained=False" in results["hub"]["load"]
@@ -121,6 +127,23 @@ def test_vit_small_exports_and_hub_builder_layout(tmp_path, registers):
         builder_model = build_backbone("vit_small", patch_size=14, img_size=518, init_values=1.0, block_chunks=0,
                                        num_register_tokens=registers, **(REG if registers else {}))
     assert {k: v.shape for k, v in builder_model.state_dict().items()} == {k: v.shape for k, v in hub_state.items()}
+
+
+@pytest.mark.parametrize("arch,ffn_layer", [("vit_base", "mlp"), ("vit_large", "mlp"), ("vit_giant2", "swiglufused")])
+@pytest.mark.parametrize("registers", [0, 4])
+def test_timm_names_and_keys_fit_the_released_sizes(arch, ffn_layer, registers):
+    """Shapes only (meta device): our timm keys equal those of the named timm model, ViT-g packed SwiGLU included."""
+    timm = pytest.importorskip("timm")
+    from dinov2_core.models.export_formats import backbone_layout, timm_model_args
+
+    with torch.device("meta"):
+        ours = build_backbone(arch, patch_size=14, img_size=518, init_values=1.0, block_chunks=0, ffn_layer=ffn_layer,
+                              num_register_tokens=registers, **(REG if registers else {}))
+        name, kwargs = timm_model_args(backbone_layout(ours), 518)
+        theirs = timm.create_model(name, pretrained=False, **kwargs)
+    assert kwargs == {"img_size": 518, "num_classes": 0}
+    converted = to_timm_state_dict(complete_state_dict(unchunk_state_dict(ours.state_dict())))
+    assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in theirs.state_dict().items()}
 
 
 @pytest.mark.official
