@@ -192,10 +192,12 @@ def official_kwargs(layout: BackboneLayout, img_size: int) -> dict[str, Any]:
 
 
 def hub_load_call(layout: BackboneLayout, weights: str, img_size: int) -> str:
-    builder = hub_builder(layout) if img_size == HUB_IMG_SIZE else None
+    """The official call that builds the model for ``weights`` and loads it (strict, the default)."""
+    builder = hub_builder(layout)
     load = f"model.load_state_dict(torch.load({weights!r}, map_location='cpu'))"
     if builder:
-        return f"model = torch.hub.load('facebookresearch/dinov2', {builder!r}, pretrained=False); {load}"
+        size = "" if img_size == HUB_IMG_SIZE else f", img_size={img_size}"
+        return f"model = torch.hub.load('facebookresearch/dinov2', {builder!r}, pretrained=False{size}); {load}"
     arguments = ", ".join(f"{k}={v!r}" for k, v in official_kwargs(layout, img_size).items())
     return f"model = dinov2.models.vision_transformer.DinoVisionTransformer({arguments}); {load}"
 
@@ -211,15 +213,19 @@ def export_hub(backbone: DinoVisionTransformer, out_dir: str | os.PathLike, img_
     spec = backbone_spec(backbone)
     spec["kwargs"] = {**spec["kwargs"], "img_size": img_size, "block_chunks": 0, "init_values": 1.0,
                       "qkv_bias": True, "proj_bias": True, "ffn_bias": True, "drop_path_rate": 0.0}
-    builder = hub_builder(layout) if img_size == HUB_IMG_SIZE else None
+    builder = hub_builder(layout)
     weights = os.path.join(os.fspath(out_dir), HUB_WEIGHTS_FILE)
+    if builder is None:
+        note = ("no official hub builder has this architecture, patch size, FFN or register/interpolation setting: "
+                "build the official DinoVisionTransformer with official_kwargs")
+    elif img_size != HUB_IMG_SIZE:
+        note = f"the official hub builder with img_size={img_size} (default {HUB_IMG_SIZE}) constructs this model"
+    else:
+        note = "the official hub builder constructs this model unchanged"
     info = {
         "format": "hub", "img_size": img_size, "official_builder": builder,
         "official_kwargs": official_kwargs(layout, img_size),
-        "load": hub_load_call(layout, weights, img_size),
-        "note": ("the official hub builder constructs this model" if builder else
-                 "no official hub builder has this architecture/patch size/image size: build the official "
-                 "DinoVisionTransformer with official_kwargs"),
+        "load": hub_load_call(layout, weights, img_size), "note": note,
     }
     atomic_torch_save(state, weights)
     atomic_write_json(os.path.join(os.fspath(out_dir), SPEC_FILE), spec)
