@@ -1,7 +1,7 @@
 """One flow per stage (each is also a deployment), plus evaluation of a given checkpoint.
 
-A stage flow runs a single stage of a pipeline config; the stages before it must have finished in the
-same run directory (their ``_SUCCESS.json`` supplies the inputs).
+A stage flow runs a single stage of a pipeline config against the last finished results of the stages
+before it in the same run directory.
 """
 
 from __future__ import annotations
@@ -12,20 +12,30 @@ from prefect import flow
 from prefect.context import FlowRunContext
 
 from flows.hooks import cancel_jobs
-from tasks import stage_configs
-from tasks.config import STAGES, PipelineConfig
-from tasks.pipeline_run import finish_run, finished_upstream, resolve_config, stage_task, start_run
+from tasks import wiring
+from tasks.config import PipelineConfig
+from tasks.pipeline_run import finish_run, finished_upstream, start_run
+from tasks.prefect_task import stage_task
+from tasks.record import StageResult
+from tasks.stage_table import STAGES
 
 
-def run_one_stage(stage: str, config: PipelineConfig | None, config_path: str | None, overrides: list[str] | None) -> dict[str, Any]:
-    cfg = resolve_config(config, config_path, overrides)
-    results = finished_upstream(cfg, stage)
+def _flow_run_id() -> str | None:
     run = FlowRunContext.get()
-    ctx = start_run(cfg, str(run.flow_run.id) if run and run.flow_run else None)
-    spec = stage_configs.build(cfg, stage, results)
-    if stage == "report":
-        spec.config["parent_run_id"] = ctx.parent_run_id
-    result = stage_task(cfg, stage)(spec, ctx)
+    return str(run.flow_run.id) if run and run.flow_run else None
+
+
+def run_one_stage(stage: str, config: PipelineConfig | None, config_path: str | None,
+                  overrides: list[str] | None) -> StageResult:
+    cfg = wiring.resolve_config(config, config_path, overrides)
+    results = finished_upstream(cfg, stage)
+    ctx = start_run(cfg, _flow_run_id(), config_path)
+    try:
+        spec = wiring.build(cfg, stage, results, run={"parent_run_id": ctx.parent_run_id})
+        result = stage_task(stage)(spec, ctx)
+    except BaseException:
+        finish_run(ctx, "failed")
+        raise
     finish_run(ctx, "completed")
     return result
 
@@ -33,23 +43,23 @@ def run_one_stage(stage: str, config: PipelineConfig | None, config_path: str | 
 def _stage_flow(stage: str):
     def stage_flow(
         config: PipelineConfig | None = None, config_path: str | None = None, overrides: list[str] | None = None
-    ) -> dict[str, Any]:
+    ) -> StageResult:
         return run_one_stage(stage, config, config_path, overrides)
 
     stage_flow.__doc__ = f"Run only the {stage} stage of a pipeline config."
     return flow(name=f"dinov2-{stage}", on_cancellation=[cancel_jobs], on_crashed=[cancel_jobs])(stage_flow)
 
 
-ingest_flow = _stage_flow("ingest")
-embed_flow = _stage_flow("embed")
-dedup_flow = _stage_flow("dedup")
-curate_flow = _stage_flow("curate")
-pretrain_flow = _stage_flow("pretrain")
-highres_flow = _stage_flow("highres")
-distill_flow = _stage_flow("distill")
-eval_flow = _stage_flow("eval")
-report_flow = _stage_flow("report")
-STAGE_FLOWS = {stage: globals()[f"{stage}_flow"] for stage in STAGES}
+STAGE_FLOWS = {stage: _stage_flow(stage) for stage in STAGES}
+ingest_flow = STAGE_FLOWS["ingest"]
+embed_flow = STAGE_FLOWS["embed"]
+dedup_flow = STAGE_FLOWS["dedup"]
+curate_flow = STAGE_FLOWS["curate"]
+pretrain_flow = STAGE_FLOWS["pretrain"]
+highres_flow = STAGE_FLOWS["highres"]
+distill_flow = STAGE_FLOWS["distill"]
+eval_flow = STAGE_FLOWS["eval"]
+report_flow = STAGE_FLOWS["report"]
 
 
 @flow(name="dinov2-evaluate-checkpoint")
@@ -61,9 +71,9 @@ def evaluate_checkpoint(
     options: dict[str, Any] | None = None,
     experiment: str = "dinov2-pipeline",
     tracking_uri: str | None = None,
-) -> dict[str, Any]:
+) -> StageResult:
     """Evaluate one exported backbone (or official hub ``.pth``) on a labelled train/test pair."""
-    cfg = resolve_config({
+    cfg = wiring.resolve_config({
         "source": train, "work_dir": work_dir, "name": "evaluate-checkpoint",
         "ingest": {"enabled": False}, "embed": {"enabled": False}, "dedup": {"enabled": False},
         "curate": {"enabled": False}, "pretrain": {"enabled": False}, "highres": {"enabled": False},
@@ -72,9 +82,11 @@ def evaluate_checkpoint(
         "tracking": {"experiment": experiment, "uri": tracking_uri, "log_model": False},
         "launcher": {"local_mode": "inline"},
     })
-    run = FlowRunContext.get()
-    ctx = start_run(cfg, str(run.flow_run.id) if run and run.flow_run else None)
-    spec = stage_configs.build_checkpoint_eval(cfg, backbone)
-    result = stage_task(cfg, "eval")(spec, ctx)
+    ctx = start_run(cfg, _flow_run_id())
+    try:
+        result = stage_task("eval")(wiring.build_checkpoint_eval(cfg, backbone), ctx)
+    except BaseException:
+        finish_run(ctx, "failed")
+        raise
     finish_run(ctx, "completed")
     return result

@@ -1,6 +1,6 @@
-"""Prefect artifacts for stages: a summary table per stage, links to job logs, a training progress bar.
+"""Prefect artifacts for stages: a summary table per stage, the job log tail, a training progress bar.
 
-Keys are lowercase-with-dashes (``<run-name>-<stage>-summary``) so each shows up on the Artifacts page
+Everything published goes through the secret scrubber first. Keys are lowercase-with-dashes (``<run-name>-<stage>-summary``) so each shows up on the Artifacts page
 and is versioned across runs. Outside a Prefect run (stage functions called directly) these are no-ops.
 """
 
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 from typing import Any
+
+from dinov2_core.utils.redact import redact, redact_text
 
 
 def artifact_key(*parts: str) -> str:
@@ -42,7 +44,7 @@ def stage_summary(run_name: str, stage: str, result: dict[str, Any]) -> None:
     from prefect.artifacts import create_table_artifact
 
     create_table_artifact(
-        table=_scalar_rows(result),
+        table=_scalar_rows(redact(result)),
         key=artifact_key(run_name, stage, "summary"),
         description=f"{stage}: outputs, counts and metrics",
     )
@@ -53,23 +55,24 @@ def markdown(run_name: str, name: str, text: str, description: str = "") -> None
         return
     from prefect.artifacts import create_markdown_artifact
 
-    create_markdown_artifact(markdown=text, key=artifact_key(run_name, name), description=description or name)
+    create_markdown_artifact(markdown=redact_text(text), key=artifact_key(run_name, name),
+                             description=description or name)
 
 
-def job_links(run_name: str, stage: str, job_id: str, kind: str, log_paths: list[str]) -> None:
-    """Link artifacts to a job's log files (``file://`` on the shared filesystem)."""
-    if not _in_prefect_run() or not log_paths:
+def job_log(run_name: str, stage: str, handle, lines: int = 60) -> None:
+    """A Markdown artifact with the job's state and the tail of its logs inline (the Prefect UI cannot
+    open ``file://`` links to the cluster's filesystem)."""
+    if not _in_prefect_run():
         return
-    from prefect.artifacts import create_link_artifact
+    from prefect.artifacts import create_markdown_artifact
 
-    for path in log_paths:
-        which = "stderr" if path.endswith(".err") else "stdout"
-        create_link_artifact(
-            link=f"file://{path}",
-            link_text=f"{kind} job {job_id} {which}",
-            key=artifact_key(run_name, stage, "job", which),
-            description=f"{stage}: {kind} job {job_id} log ({which})",
-        )
+    tail = handle.log_tail(lines) if hasattr(handle, "log_tail") else "(ran in the flow process: see its logs)"
+    paths = "\n".join(f"- `{path}`" for path in handle.log_paths()) or "- (none)"
+    fence = "~~~~"  # a log line may contain Markdown's backtick fence
+    text = (f"### {stage}: {handle.kind} job {handle.job_id} ({handle.state()})\n\nLog files:\n{paths}\n\n"
+            f"{fence}text\n{tail}\n{fence}\n")
+    create_markdown_artifact(markdown=redact_text(text), key=artifact_key(run_name, stage, "job-log"),
+                             description=f"{stage}: tail of the {handle.kind} job's logs")
 
 
 class Progress:

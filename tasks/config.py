@@ -6,27 +6,21 @@ reuse the stage's own config dataclass: curation sections hold the options of
 ``curation.config.<Stage>Config``; training sections point at a trainer recipe
 (``configs/train/*.yaml``) plus ``key=value`` overrides; ``eval`` holds ``EvalConfig`` options.
 
-:func:`validate_pipeline` builds every stage config (the pipeline fills in the keys that depend on
-upstream outputs with the URIs they will have) so a typo anywhere is reported, with the dotted key
-and the allowed values, before a single job is submitted.
+This module is the schema only: it imports nothing from the wiring. ``tasks.wiring.load_pipeline_config``
+parses a file with :func:`parse_pipeline_config` and then builds every stage config, so a typo anywhere
+is reported, with the dotted key and the allowed values, before a single job is submitted.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from dinov2_core.utils.config import ConfigError, apply_overrides, from_dict, load_yaml
-
-STAGES = ("ingest", "embed", "dedup", "curate", "pretrain", "highres", "distill", "eval", "report")
-CURATION_STAGES = ("ingest", "embed", "dedup", "curate")
-TRAIN_STAGES = ("pretrain", "highres", "distill")
-HEAVY_STAGES = ("embed", "pretrain", "highres", "distill", "eval")
-StageName = Literal["ingest", "embed", "dedup", "curate", "pretrain", "highres", "distill", "eval", "report"]
+from tasks.stage_table import HEAVY_STAGES, TRAIN_STAGES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -99,6 +93,18 @@ class LauncherConfig:
         values = {k: v for k, v in dataclasses.asdict(override).items() if v is not None}
         return dataclasses.replace(base, **values)
 
+    def job_settings(self, stage: str) -> dict[str, Any]:
+        """What a stage's job is launched with: this section without the per-stage table, and the stage's
+        resolved resources (JSON-able, handed to the runner with the stage spec)."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "stages"}
+        resources = dataclasses.asdict(self.resources_for(stage))
+        data["resources"] = {k: v for k, v in resources.items() if v is not None}
+        return data
+
+    def world_size(self, stage: str) -> int:
+        resources = self.resources_for(stage)
+        return (resources.nodes or 1) * (resources.tasks_per_node or 1)
+
 
 @dataclass
 class TrackingConfig:
@@ -124,11 +130,16 @@ class CurationStageConfig:
 @dataclass
 class TrainStageConfig:
     """A training phase: a trainer recipe plus ``key=value`` overrides (the pipeline adds the dataset,
-    ``init_from`` and ``distill.teacher_path`` from upstream stages)."""
+    ``init_from`` and ``distill.teacher_path`` from upstream stages).
+
+    ``init``: ``scratch`` trains the stage's model as its recipe says (for highres: from pretrain's
+    result); ``previous`` warm-starts from this stage's own last finished result in the run directory
+    (e.g. a weekly retraining that continues from last week's weights), which must exist."""
 
     enabled: bool = True
     config: str = ""
     overrides: list[str] = field(default_factory=list)
+    init: Literal["scratch", "previous"] = "scratch"
 
 
 @dataclass
@@ -194,14 +205,15 @@ class PipelineConfig:
     def mlflow_uri(self) -> str:
         return self.tracking.uri or f"sqlite:///{os.path.abspath(self.work_dir)}/mlflow.db"
 
-    def stage_dir(self, stage: str) -> str:
+    def stage_root(self, stage: str) -> str:
+        """``<work_dir>/<stage>``: one directory per result identity below it (see ``tasks.record``)."""
         return os.path.join(os.path.abspath(self.work_dir), stage)
 
-    def data_uri(self, stage: str) -> str:
-        """Output location of a curation stage (``data_dir`` may be on object storage)."""
+    def data_root(self, stage: str) -> str:
+        """Where a curation stage's outputs go (``data_dir`` may be on object storage), per identity below."""
         from dinov2_core.utils.uri import join_uri
 
-        return join_uri(self.data_dir, stage) if self.data_dir else self.stage_dir(stage)
+        return join_uri(self.data_dir, stage) if self.data_dir else self.stage_root(stage)
 
 
 def resolve_path(path: str, base_dir: str | None) -> str:
@@ -214,8 +226,9 @@ def resolve_path(path: str, base_dir: str | None) -> str:
     return path
 
 
-def load_pipeline_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
-    """Read a pipeline YAML (``defaults:`` inheritance allowed), apply overrides, validate completely."""
+def parse_pipeline_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Read a pipeline YAML (``defaults:`` inheritance allowed) and apply overrides; checks the schema
+    only (``tasks.wiring.load_pipeline_config`` also builds and checks every stage)."""
     data = load_yaml(path) if path else {}
     data = apply_overrides(data, list(overrides))
     cfg = from_dict(PipelineConfig, data)
@@ -227,19 +240,5 @@ def load_pipeline_config(path: str | os.PathLike | None, overrides: list[str] | 
     cfg.work_dir = os.path.abspath(os.path.expanduser(cfg.work_dir)) if cfg.work_dir else cfg.work_dir
     if "://" not in cfg.source and cfg.source:
         cfg.source = os.path.abspath(os.path.expanduser(cfg.source))
-    validate_pipeline(cfg)
-    return cfg
-
-
-def validate_pipeline(cfg: PipelineConfig) -> None:
-    """Build every enabled stage's own config so that all errors surface before any job starts."""
     cfg.validate()
-    from tasks import stage_configs
-
-    for stage in STAGES:
-        if cfg.enabled(stage):
-            stage_configs.build(cfg, stage, placeholders=True)
-    if cfg.eval.val_manifest and not stage_configs.decontamination_set(cfg) and any(map(cfg.enabled, TRAIN_STAGES)):
-        logging.getLogger(__name__).warning(
-            "embed/dedup disabled: training data is not decontaminated against eval.val_manifest %s",
-            cfg.eval.val_manifest)
+    return cfg

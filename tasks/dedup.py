@@ -1,4 +1,4 @@
-"""Prefect task for near-duplicate removal (k-NN + cosine threshold + connected components) on the embeddings.
+"""Job of the near-duplicate removal (k-NN + cosine threshold + connected components) on the embeddings.
 
 Wraps ``curation.dedup.run_dedup``. With ``inputs["eval_embeddings"]`` (the eval test set, embedded by
 the embed stage) it also drops training images that are near-duplicates of evaluation images and
@@ -9,18 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import task
-
-from tasks.runner import RunContext, run_stage
-from tasks.stage import StageSpec, split_summary, task_options
+from tasks.record import split_summary
 
 
-@task(name="dedup", task_run_name="dedup", **task_options())
-def dedup(spec: StageSpec, run_context: RunContext) -> dict[str, Any]:
-    return run_stage(spec, run_context, target="tasks.dedup:execute")
-
-
-def execute(config: dict[str, Any], inputs: dict[str, Any], output_uri: str, stage_dir: str) -> dict[str, Any]:
+def execute(config: dict[str, Any], inputs: dict[str, Any], output_uri: str, stage_dir: str,
+            run: dict[str, Any]) -> dict[str, Any]:
     from curation.config import DedupConfig
     from curation.dedup import run_dedup
     from dinov2_core.utils.config import from_dict

@@ -1,4 +1,4 @@
-"""Prefect task for embedding extraction of the manifest's images with a frozen backbone, in shards.
+"""Job of the embedding extraction of the manifest's images with a frozen backbone, in shards.
 
 Wraps ``curation.embed.run_embed``; it runs through the launcher (local subprocess or Slurm job).
 When the pipeline decontaminates against an evaluation test set (``inputs["eval_images"]``), the same
@@ -9,33 +9,34 @@ compares like with like.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from prefect import task
-
-from tasks.runner import RunContext, run_stage
-from tasks.stage import StageSpec, split_summary, task_options
+from tasks.record import split_summary
 
 
-@task(name="embed", task_run_name="embed", **task_options())
-def embed(spec: StageSpec, run_context: RunContext) -> dict[str, Any]:
-    return run_stage(spec, run_context, target="tasks.embed:execute", heavy=True)
-
-
-def execute(config: dict[str, Any], inputs: dict[str, Any], output_uri: str, stage_dir: str) -> dict[str, Any]:
+def execute(config: dict[str, Any], inputs: dict[str, Any], output_uri: str, stage_dir: str,
+            run: dict[str, Any]) -> dict[str, Any]:
     from curation.config import EmbedConfig
     from curation.embed import run_embed
     from dinov2_core.utils.config import from_dict
-    from tasks.stage_configs import eval_embedding_uris
+    from tasks.wiring import eval_embedding_uris
 
     cfg = from_dict(EmbedConfig, config)
-    result = split_summary(run_embed(cfg, inputs["manifest"], output_uri), output_uri)
+    # every task of a multi-task job embeds its share of the shards; rank 0 holds the stage's result
+    pool = run_embed(cfg, inputs["manifest"], output_uri)
+    eval_summary = None
     if inputs.get("eval_images"):
         manifest_uri, embeddings_uri = eval_embedding_uris(output_uri)
         write_eval_manifest(inputs["eval_images"], manifest_uri)
-        summary = run_embed(cfg, manifest_uri, embeddings_uri)
-        result["outputs"].update(eval_manifest=manifest_uri, eval_embeddings=summary["embeddings"])
-        result["metrics"].update(eval_num_embedded=summary["num_embedded"], eval_num_failed=summary["num_failed"])
+        eval_summary = run_embed(cfg, manifest_uri, embeddings_uri)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    result = split_summary(pool, output_uri)
+    if eval_summary is not None:
+        result["outputs"].update(eval_manifest=manifest_uri, eval_embeddings=eval_summary["embeddings"])
+        result["metrics"].update(eval_num_embedded=eval_summary["num_embedded"],
+                                 eval_num_failed=eval_summary["num_failed"])
     return result
 
 

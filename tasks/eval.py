@@ -1,7 +1,9 @@
-"""Prefect task for frozen-feature evaluation of the exported backbones (kNN, linear, PCA maps, baselines).
+"""Job of the frozen-feature evaluation of the exported backbones (kNN, linear, PCA maps, baselines).
 
-One ``run_evaluation`` per backbone listed in ``eval.backbones``, each into ``eval/<stage>/``. It goes
-through the launcher like the training stages (feature extraction wants the GPU).
+One ``run_evaluation`` per backbone listed in ``eval.backbones``, each into ``<output>/<stage>/``. It goes
+through the launcher like the training stages (feature extraction wants the GPU). In a job of several
+tasks only rank 0 evaluates: the features of a frozen backbone on a benchmark-sized set fit one GPU, and
+N tasks must never extract them N times into the same files.
 """
 
 from __future__ import annotations
@@ -10,18 +12,11 @@ import glob
 import os
 from typing import Any
 
-from prefect import task
 
-from tasks.runner import RunContext, run_stage
-from tasks.stage import StageSpec, task_options
-
-
-@task(name="eval", task_run_name="eval", **task_options())
-def evaluate(spec: StageSpec, run_context: RunContext) -> dict[str, Any]:
-    return run_stage(spec, run_context, target="tasks.eval:execute", heavy=True)
-
-
-def execute(config: dict[str, Any], inputs: dict[str, Any], output_uri: str, stage_dir: str) -> dict[str, Any]:
+def execute(config: dict[str, Any], inputs: dict[str, Any], output_uri: str, stage_dir: str,
+            run: dict[str, Any]) -> dict[str, Any] | None:
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
     from dinov2_core.eval import run_evaluation
     from dinov2_core.eval.config import EvalConfig
     from dinov2_core.utils.config import from_dict

@@ -1,14 +1,17 @@
-"""Run one stage: skip it if finished, else re-attach to or submit its job, follow it, record it.
+"""Run one stage: reuse its result if its identity finished, else re-attach to or submit its job, follow
+it, record it. This is the flow side (it talks to MLflow and Prefect); the job side is ``tasks.launch``.
 
 The order of events for a stage, whatever the launcher:
 
-1. ``_SUCCESS.json`` matches the inputs → return its recorded result (nothing recomputed).
-2. Open (or re-open, on resume) the stage's MLflow child run; ``_state.json`` says ``running``.
-3. Heavy stage: re-attach to a still-running job recorded in ``_state.json``, else submit a new one;
-   poll it, forwarding new ``metrics.jsonl`` rows to MLflow and the progress artifact. Light stage:
-   call the entry point in this process.
-4. Write ``_SUCCESS.json`` (last, atomically), log metrics/artifacts, close the child run, publish the
-   stage's summary artifact.
+1. The completion record of the stage's identity exists and its outputs are intact → the result is
+   *reused*: an MLflow child run tagged ``outcome=reused`` points at the run that computed it.
+2. Otherwise the stage is *recomputed*, and the reason says which part of the identity changed since the
+   last result (``tasks.record.explain_change``). Jobs still active for outdated identities of the stage
+   are cancelled; a job still active for *this* identity is re-attached, else a new one is submitted
+   (heavy stages) or the job runs in this process (light stages). New ``metrics.jsonl`` rows are forwarded
+   to MLflow and a Prefect progress artifact while it runs.
+3. The completion record is written (last, atomically); metrics and artifacts go to the child run; the
+   job log tail and the stage summary become Prefect artifacts.
 
 If the flow is cancelled or interrupted while a job runs, the job is cancelled; if the flow process is
 killed outright the job keeps running and the next run re-attaches to it.
@@ -17,51 +20,38 @@ killed outright the job keeps running and the next run re-attaches to it.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import logging
 import os
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from tasks import artifacts
 from tasks.config import LauncherConfig, Resources
-from tasks.launch import StageJob, make_launcher, resources_dict, wait
-from tasks.stage import (
+from tasks.launch import StageJob, StageJobFailed, cancel_outdated_jobs, make_launcher, wait
+from tasks.pipeline_run import RunContext
+from tasks.record import (
+    StageResult,
     StageSpec,
-    finished_result,
+    current_record,
+    explain_change,
+    finished,
     read_state,
+    write_record,
     write_state,
-    write_success,
 )
 from tasks.tracking import MetricsForwarder, Tracker
 
-
-@dataclass
-class RunContext:
-    """Per-run facts that must not affect caching: where to track, which parent run, which flow run."""
-
-    run_name: str
-    work_dir: str
-    tracking_uri: str | None = None
-    experiment: str = "dinov2-pipeline"
-    parent_run_id: str | None = None
-    system_metrics: bool = True
-    code_version: str = ""
-    config_hash: str = ""
-
-    def tracker(self) -> Tracker | None:
-        return Tracker(self.tracking_uri, self.experiment) if self.tracking_uri else None
+PROGRESS = logging.getLogger("dinov2.progress")  # one console line per stage (the CLI shows only these)
 
 
-def _logger():
+def logger() -> logging.Logger | logging.LoggerAdapter:
+    """Prefect's run logger inside a flow or task run, else this module's logger."""
     from prefect.exceptions import MissingContextError
     from prefect.logging import get_run_logger
 
     try:
         return get_run_logger()
     except MissingContextError:
-        import logging
-
         return logging.getLogger("tasks")
 
 
@@ -72,99 +62,125 @@ def _flow_run_id() -> str | None:
     return str(ctx.flow_run.id) if ctx and ctx.flow_run else None
 
 
-def _child_run(tracker: Tracker | None, spec: StageSpec, ctx: RunContext) -> str | None:
-    """The stage's MLflow child run: the one from an interrupted attempt if it still exists."""
+def _start_child(tracker: Tracker | None, spec: StageSpec, ctx: RunContext, outcome: str, reason: str,
+                 extra_tags: dict[str, Any] | None = None) -> str | None:
     if tracker is None:
         return None
-    previous = read_state(spec.stage_dir).get("mlflow_run_id")
-    if previous and tracker.run_exists(previous):
-        tracker.reopen(previous)
-        return previous
-    run_id = tracker.start_run(
+    return tracker.start_run(
         spec.stage,
         params={"config": spec.config, "inputs": spec.inputs, "launcher": spec.launcher},
         tags={
             "stage": spec.stage,
+            "outcome": outcome,
+            "reason": reason,
+            "identity": spec.identity,
+            "stage_dir": spec.stage_dir,
             "code_version": ctx.code_version,
             "config_hash": ctx.config_hash,
-            "input_hash": spec.input_hash(),
             "prefect_flow_run_id": _flow_run_id(),
             "work_dir": ctx.work_dir,
+            **(extra_tags or {}),
         },
         parent_id=ctx.parent_run_id,
     )
-    write_state(spec.stage_dir, mlflow_run_id=run_id)
-    return run_id
 
 
-def run_stage(
-    spec: StageSpec,
-    ctx: RunContext,
-    target: str,
-    heavy: bool = False,
-    distributed: bool = False,
-    progress_total: int | None = None,
-    metrics_file: str | None = None,
-) -> dict[str, Any]:
-    """Run ``target(config=..., inputs=..., output_uri=..., stage_dir=...)`` as stage ``spec.stage``."""
-    log = _logger()
-    done = finished_result(spec)
-    if done is not None:
-        log.info("%s: finished earlier with the same inputs (%s); skipping", spec.stage, spec.stage_dir)
-        return done
+def run_stage(spec: StageSpec, ctx: RunContext) -> StageResult:
+    """Reuse or compute ``spec``'s result (see the module docstring)."""
+    log = logger()
+    definition = spec.definition
+    tracker = ctx.tracker()
+    if not definition.always_run:
+        done, why_not = finished(spec)
+        if done is not None:
+            return _reuse(spec, ctx, tracker, done)
+    else:
+        why_not = ""
+    previous = current_record(spec.stage_root)
+    if definition.always_run:
+        reason = "runs every time"
+    elif previous is not None and previous.get("identity") == spec.identity:
+        reason = why_not
+    else:
+        reason = explain_change(spec, previous)
+    log.info("%s: computing (%s)", spec.stage, reason)
+    PROGRESS.info("%-8s computing: %s", spec.stage, reason)
+    ctx.record(spec.stage, outcome="running", reason=reason, identity=spec.identity)
 
     os.makedirs(spec.stage_dir, exist_ok=True)
     started = time.time()
     write_state(spec.stage_dir, status="running", started_at=time.strftime("%Y-%m-%dT%H:%M:%S"), error=None,
-                prefect_flow_run_id=_flow_run_id())
-    tracker = ctx.tracker()
-    run_id = _child_run(tracker, spec, ctx)
-    job = StageJob(
-        target,
-        {"config": spec.config, "inputs": spec.inputs, "output_uri": spec.output_uri, "stage_dir": spec.stage_dir},
-        distributed=distributed,
-    )
+                root_cause=None, prefect_flow_run_id=_flow_run_id())
+    run_id = None
     try:
+        run_id = _start_child(tracker, spec, ctx, "recomputed", reason)
+        write_state(spec.stage_dir, mlflow_run_id=run_id)
+        job = StageJob(definition.job, spec.job_kwargs(), distributed=definition.distributed)
         with (tracker.system_metrics(run_id, ctx.system_metrics) if tracker and run_id else contextlib.nullcontext()):
-            if heavy:
-                result = _run_through_launcher(spec, ctx, job, tracker, run_id, progress_total, metrics_file)
+            if definition.heavy:
+                raw = _run_through_launcher(spec, ctx, job, tracker, run_id)
             else:
-                result = job()
+                raw = job()
     except BaseException as exc:
-        write_state(spec.stage_dir, status="failed", error=f"{type(exc).__name__}: {str(exc)[:2000]}")
+        cause = exc.root_cause if isinstance(exc, StageJobFailed) else f"{type(exc).__name__}: {str(exc)[:500]}"
+        write_state(spec.stage_dir, status="failed", root_cause=cause, error=f"{type(exc).__name__}: {str(exc)[:4000]}")
+        ctx.record(spec.stage, outcome="failed", reason=reason, error=cause, identity=spec.identity)
+        PROGRESS.warning("%-8s FAILED: %s", spec.stage, cause)
         if tracker and run_id:
+            tracker.set_tags(run_id, {"error": cause})
             tracker.end(run_id, "KILLED" if not isinstance(exc, Exception) else "FAILED")
         raise
 
-    result = dict(result)
-    result["input_hash"] = spec.input_hash()
-    result.setdefault("metrics", {})
-    result["seconds"] = round(time.time() - started, 2)
+    raw = dict(raw)
+    result = StageResult(
+        stage=spec.stage, identity=spec.identity, outputs=dict(raw.pop("outputs", {})),
+        metrics=dict(raw.pop("metrics", {})), artifacts=list(raw.pop("artifacts", [])),
+        seconds=round(time.time() - started, 2), outcome="recomputed", reason=reason, mlflow_run_id=run_id, extra=raw,
+    )
     if tracker and run_id:
-        tracker.log_metrics(run_id, {"stage_seconds": result["seconds"], **_numeric(result["metrics"])})
-        for path in result.get("artifacts", []):
-            tracker.log_artifact(run_id, path)
+        tracker.log_metrics(run_id, {"stage_seconds": result.seconds, **_numeric(result.metrics)})
+        for path in result.artifacts:
+            tracker.log_artifact(run_id, path, _artifact_folder(path, result.outputs.get("dir")))
         tracker.end(run_id, "FINISHED")
-        result["mlflow_run_id"] = run_id
-    outputs = [v for v in _flat_strings(result.get("outputs", {}))]
-    write_success(spec, result, outputs)
-    artifacts.stage_summary(ctx.run_name, spec.stage, {k: v for k, v in result.items() if k != "artifacts"})
-    log.info("%s: done in %.1f s", spec.stage, result["seconds"])
+    if not definition.always_run:
+        write_record(spec, result)
+    else:
+        write_state(spec.stage_dir, status="done")
+    ctx.record(spec.stage, outcome="recomputed", reason=reason, identity=spec.identity, seconds=result.seconds)
+    artifacts.stage_summary(ctx.run_name, spec.stage, _summary(result))
+    log.info("%s: done in %.1f s", spec.stage, result.seconds)
+    PROGRESS.info("%-8s done in %.1f s", spec.stage, result.seconds)
     return result
 
 
-def _run_through_launcher(
-    spec: StageSpec,
-    ctx: RunContext,
-    job: StageJob,
-    tracker: Tracker | None,
-    run_id: str | None,
-    progress_total: int | None,
-    metrics_file: str | None,
-) -> dict[str, Any]:
-    log = _logger()
+def _reuse(spec: StageSpec, ctx: RunContext, tracker: Tracker | None, done: StageResult) -> StageResult:
+    """Hand back a finished result; the run's MLflow parent still gets a child with its metrics."""
+    computed_in = done.mlflow_run_id
+    reason = f"same inputs as the result finished in {os.path.basename(spec.stage_dir)}"
+    logger().info("%s: reused (%s)", spec.stage, reason)
+    PROGRESS.info("%-8s reused: %s", spec.stage, reason)
+    run_id = _start_child(tracker, spec, ctx, "reused", reason, {"computed_in_run": computed_in})
+    if tracker and run_id:
+        tracker.log_metrics(run_id, _numeric(done.metrics))
+        tracker.end(run_id, "FINISHED")
+    reused = StageResult.from_dict({**done.to_dict(), "outcome": "reused", "reason": reason, "seconds": 0.0,
+                                    "mlflow_run_id": run_id or computed_in})
+    ctx.record(spec.stage, outcome="reused", reason=reason, identity=spec.identity)
+    artifacts.stage_summary(ctx.run_name, spec.stage, _summary(reused))
+    return reused
+
+
+def _summary(result: StageResult) -> dict[str, Any]:
+    return {"outcome": result.outcome, "reason": result.reason, "identity": result.identity[:16],
+            "seconds": result.seconds, "outputs": result.outputs, "metrics": result.metrics}
+
+
+def _run_through_launcher(spec: StageSpec, ctx: RunContext, job: StageJob, tracker: Tracker | None,
+                          run_id: str | None) -> dict[str, Any]:
+    log = logger()
     launcher_cfg = LauncherConfig(**{k: v for k, v in spec.launcher.items() if k != "resources"})
     resources = Resources(**spec.launcher.get("resources", {}))
+    cancel_outdated_jobs(spec.stage_root, spec.stage_dir)
     launcher = make_launcher(launcher_cfg)
     handle = launcher.attach(spec.stage_dir)
     if handle is not None:
@@ -174,9 +190,9 @@ def _run_through_launcher(
         log.info("%s: submitted %s job %s", spec.stage, handle.kind, handle.job_id)
     if tracker and run_id:
         tracker.set_tags(run_id, {f"{handle.kind}_job_id": handle.job_id})
-    artifacts.job_links(ctx.run_name, spec.stage, handle.job_id, handle.kind, handle.log_paths())
+    metrics_file = os.path.join(spec.stage_dir, "metrics.jsonl") if spec.definition.kind == "train" else None
     forwarder = MetricsForwarder(tracker, run_id, metrics_file) if metrics_file else None
-    progress = artifacts.Progress(ctx.run_name, spec.stage, progress_total)
+    progress = artifacts.Progress(ctx.run_name, spec.stage, _iterations(spec))
 
     def on_tick() -> None:
         if forwarder and forwarder.poll():
@@ -188,53 +204,52 @@ def _run_through_launcher(
         if not handle.done():
             log.warning("%s: stopping %s job %s", spec.stage, handle.kind, handle.job_id)
             handle.cancel()
+        artifacts.job_log(ctx.run_name, spec.stage, handle)
         raise
+    artifacts.job_log(ctx.run_name, spec.stage, handle)
     if forwarder:
         result.setdefault("metrics", {})
         result["metrics"].setdefault("train_rows", forwarder.rows)
     return result
 
 
+def _iterations(spec: StageSpec) -> int | None:
+    if spec.definition.kind != "train":
+        return None
+    from dinov2_core.train.config import TrainConfig
+    from dinov2_core.utils.config import from_dict
+
+    return from_dict(TrainConfig, spec.config).max_iter + 1
+
+
 def cancel_active_jobs(work_dir: str) -> list[str]:
     """Cancel every job recorded as running under ``work_dir`` (flow cancellation / crash hooks)."""
-    from tasks.launch import SlurmLauncher, stop_orphan
+    from tasks.launch import stop_recorded_job
+    from tasks.record import identity_dirs
+    from tasks.stage_table import STAGES
 
     cancelled = []
-    for stage in sorted(os.listdir(work_dir)) if os.path.isdir(work_dir) else []:
-        stage_dir = os.path.join(work_dir, stage)
-        state = read_state(stage_dir)
-        record = state.get("job") or {}
-        if state.get("status") != "running" or not record:
-            continue
-        if record.get("kind") == "slurm":
-            handle = SlurmLauncher(LauncherConfig(kind="slurm")).attach(stage_dir)
-            if handle is not None and not handle.done():
-                handle.cancel()
-                cancelled.append(f"{stage}:{record['job_id']}")
-        elif record.get("kind") == "local":
-            stop_orphan(int(record["job_id"]))
-            cancelled.append(f"{stage}:{record['job_id']}")
-        write_state(stage_dir, status="cancelled")
+    for stage in STAGES:
+        for stage_dir in identity_dirs(os.path.join(work_dir, stage)):
+            job_id = stop_recorded_job(stage_dir)
+            if job_id:
+                cancelled.append(f"{stage}:{job_id}")
     return cancelled
 
 
-def launcher_section(launcher: LauncherConfig, stage: str) -> dict[str, Any]:
-    """The launcher settings a stage spec carries (part of its cache key: resources change the job)."""
-    data = {f.name: getattr(launcher, f.name) for f in dataclasses.fields(LauncherConfig) if f.name != "stages"}
-    data["resources"] = resources_dict(launcher.resources_for(stage))
-    return data
+def stage_status(stage_dir: str) -> dict[str, Any]:
+    """What ``_state.json`` says about one identity directory (for ``status``)."""
+    return read_state(stage_dir)
+
+
+def _artifact_folder(path: str, output_dir: str | None) -> str | None:
+    """Artifacts keep their folder below the stage's output (``distill/pca.png``, ``pretrain/pca.png``), so
+    files of the same name from different backbones do not overwrite each other in the run."""
+    if not output_dir or "://" in output_dir:
+        return None
+    folder = os.path.relpath(os.path.dirname(os.path.abspath(path)), os.path.abspath(output_dir))
+    return None if folder == "." or folder.startswith("..") else folder
 
 
 def _numeric(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, dict)) and not isinstance(v, bool)}
-
-
-def _flat_strings(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, dict):
-        return [s for v in value.values() for s in _flat_strings(v)]
-    if isinstance(value, (list, tuple)):
-        return [s for v in value for s in _flat_strings(v)]
-    return []
-

@@ -5,7 +5,8 @@ shared filesystem and the controller forwards new rows while it polls. That keep
 safe (one writer) and means compute nodes never need to reach the tracking server.
 
 Children are linked with the ``mlflow.parentRunId`` tag, which every MLflow client and the UI honour.
-Parameters are the flattened config with anything that looks like a credential removed.
+Parameters are the flattened config; keys are sanitised to MLflow's alphabet (names can come from data,
+e.g. an image mode ``I;16``) and every value and tag goes through the secret scrubber.
 """
 
 from __future__ import annotations
@@ -18,21 +19,28 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from dinov2_core.utils.config import flatten
+from dinov2_core.utils.redact import redact, redact_text
 
 PARENT_TAG = "mlflow.parentRunId"
-SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key|api_key|private_key|auth)", re.I)
+# MLflow 3's UI opens an experiment of this kind on its runs table (model training), not the GenAI overview
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 MAX_PARAM_CHARS = 500
+MAX_KEY_CHARS = 250
+UNSAFE_KEY_CHARS = re.compile(r"[^\w.\- /:]")
+
+
+def mlflow_key(key: str) -> str:
+    """``key`` in the characters MLflow accepts for param, metric and tag names."""
+    return UNSAFE_KEY_CHARS.sub("_", key)[:MAX_KEY_CHARS]
 
 
 def scrub(params: dict[str, Any]) -> dict[str, str]:
-    """Flattened params as strings, without credential-like keys or URL user-info, cut to MLflow's limits."""
+    """Flattened params as strings with safe keys and secrets masked, cut to MLflow's limits."""
     out = {}
-    for key, value in flatten(params).items():
-        if SECRET_KEY.search(key):
-            continue
+    for key, value in flatten(redact(params)).items():
         text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-        text = re.sub(r"(://)[^/@\s]+@", r"\1***@", text)
-        out[key[:250]] = text[:MAX_PARAM_CHARS]
+        out[mlflow_key(key)] = text[:MAX_PARAM_CHARS]
     return out
 
 
@@ -61,13 +69,14 @@ class Tracker:
         self.experiment_id = (
             found.experiment_id
             if found
-            else self.client.create_experiment(experiment, artifact_location=default_artifact_location(uri))
+            else self.client.create_experiment(experiment, artifact_location=default_artifact_location(uri),
+                                               tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         )
 
     def start_run(self, name: str, params: dict[str, Any], tags: dict[str, str], parent_id: str | None = None) -> str:
         from mlflow.entities import Param
 
-        tags = {k: str(v) for k, v in tags.items() if v is not None}
+        tags = {mlflow_key(k): redact_text(str(v)) for k, v in tags.items() if v is not None}
         if parent_id:
             tags[PARENT_TAG] = parent_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
@@ -93,7 +102,7 @@ class Tracker:
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         for key, value in tags.items():
             if value is not None:
-                self.client.set_tag(run_id, key, str(value))
+                self.client.set_tag(run_id, mlflow_key(key), redact_text(str(value)))
 
     def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int | None = None) -> None:
         from mlflow.entities import Metric
@@ -101,7 +110,7 @@ class Tracker:
 
         now = int(time.time() * 1000)
         items = [
-            Metric(re.sub(r"[^\w.\- /:]", "_", key), float(value), now, step or 0)
+            Metric(mlflow_key(key), float(value), now, step or 0)
             for key, value in flatten(metrics).items()
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
         ]
@@ -131,6 +140,14 @@ class Tracker:
         finally:
             if monitor is not None:
                 monitor.finish()
+
+    def latest_model_version(self, name: str):
+        """The newest version of registered model ``name`` (``None`` if it has none)."""
+        try:
+            versions = self.client.search_model_versions(f"name = '{name}'")
+        except Exception:  # MlflowException: the model is not registered yet
+            return None
+        return max(versions, key=lambda v: int(v.version), default=None)
 
     def log_backbone(
         self, run_id: str, export_dir: str, metrics: dict[str, float], registered_name: str | None
@@ -247,3 +264,41 @@ class MetricsForwarder:
             self.last = rows[-1]
             self.rows += len(rows)
         return rows
+
+
+def compare_runs(
+    tracking_uri: str, experiment: str, run_ids: list[str] | None = None, max_runs: int = 10,
+    metric_filter: tuple[str, ...] = ("top1", "miou", "map"), baselines: bool = False,
+    work_dirs: list[str] | None = None,
+) -> tuple[list[str], list[dict[str, str]]]:
+    """Columns and rows of pipeline runs (parent runs): given ids, every run of the given run directories
+    (their history: one parent run per pipeline run), or the latest runs of the experiment. Shows what
+    each run recomputed, the params that differ between them and their metrics."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    runs = [client.get_run(r) for r in run_ids or []]
+    for work_dir in work_dirs or []:
+        if found is not None:
+            runs += client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"],
+                                       filter_string=f"tags.pipeline = 'dinov2' and tags.work_dir = '{work_dir}'",
+                                       max_results=max_runs)
+    if not run_ids and not work_dirs and found is not None:
+        runs = client.search_runs([found.experiment_id], filter_string="tags.pipeline = 'dinov2'",
+                                  order_by=["attributes.start_time DESC"], max_results=max_runs)
+    keys = sorted({k for r in runs for k in r.data.params})
+    differing = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1 and not k.endswith(("work_dir", ".name"))]
+    metrics = sorted({
+        k for r in runs for k in r.data.metrics
+        if any(f in k for f in metric_filter) and (baselines or "baseline" not in k)
+    })
+    columns = ["run", "name", "status", "recomputed", *differing, *metrics]
+    rows = []
+    for r in runs:
+        row = {"run": r.info.run_id[:8], "name": r.info.run_name or "", "status": r.info.status,
+               "recomputed": r.data.tags.get("recomputed", "")}
+        row.update({k: r.data.params.get(k, "") for k in differing})
+        row.update({k: (f"{r.data.metrics[k]:.4g}" if k in r.data.metrics else "") for k in metrics})
+        rows.append(row)
+    return columns, rows

@@ -1,8 +1,8 @@
-"""Training stages (pretrain, highres, distill): the task body, the job entry point and the loss-curve plot.
+"""Job of the training stages (pretrain, highres, distill), and the loss-curve plot.
 
 Runs wherever the launcher put it (a local subprocess or every rank of a Slurm job). The trainer
-resumes from the newest complete checkpoint in its output directory, so this function is safe to
-run again after a requeue or a crash.
+resumes from the newest complete checkpoint in its output directory, which is the directory of the
+stage's identity: a requeue or a crash resumes, new inputs train anew.
 """
 
 from __future__ import annotations
@@ -16,26 +16,8 @@ from typing import Any
 LOSS_CURVE = "loss_curve.png"
 
 
-def run_training_stage(spec, run_context) -> dict[str, Any]:
-    """The body of the pretrain, highres and distill tasks: :func:`execute` as a heavy, distributed job
-    through the launcher, with progress followed from the job's ``metrics.jsonl``."""
-    from dinov2_core.train.config import TrainConfig
-    from dinov2_core.utils.config import from_dict
-    from tasks.runner import run_stage
-
-    total = from_dict(TrainConfig, spec.config).max_iter + 1
-    return run_stage(
-        spec,
-        run_context,
-        target="tasks.training:execute",
-        heavy=True,
-        distributed=True,
-        progress_total=total,
-        metrics_file=os.path.join(spec.stage_dir, "metrics.jsonl"),
-    )
-
-
-def execute(config: dict[str, Any], inputs: dict[str, Any], output_uri: str, stage_dir: str) -> dict[str, Any]:
+def execute(config: dict[str, Any], inputs: dict[str, Any], output_uri: str, stage_dir: str,
+            run: dict[str, Any]) -> dict[str, Any]:
     from dinov2_core.train import run_training
     from dinov2_core.train.config import TrainConfig
     from dinov2_core.utils.config import from_dict

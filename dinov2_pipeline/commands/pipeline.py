@@ -2,8 +2,10 @@
 
 ``run`` validates the whole config, then runs the end-to-end Prefect flow in this process (Prefect's
 ephemeral API unless ``PREFECT_API_URL`` points at a server). ``resume`` re-runs a run directory:
-finished stages are skipped, an interrupted training stage continues from its last checkpoint, a
-Slurm job that is still running is re-attached. ``demo`` does all of it on a small generated image set.
+finished stages are reused, an interrupted training stage continues from its last checkpoint, a Slurm
+job that is still running is re-attached. ``demo`` does all of it on a small generated image set.
+This module only parses and prints: the queries live beside the code that writes what they read
+(``tasks.pipeline_run.run_status``, ``tasks.tracking.compare_runs``).
 """
 
 from __future__ import annotations
@@ -20,14 +22,18 @@ DEMO_CONFIG = os.path.join(REPO_ROOT, "configs", "pipeline", "demo.yaml")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("run", help="run the end-to-end pipeline from a config (finished stages are skipped)")
+    p = subparsers.add_parser("run", help="run the end-to-end pipeline from a config (finished stages are reused)")
     p.add_argument("config", help="pipeline YAML, e.g. configs/pipeline/demo.yaml")
     p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides, e.g. work_dir=/scratch/run1 launcher.kind=slurm")
+    p.add_argument("--verbose", action="store_true", help="also show Prefect, MLflow and dask logs on the console")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate, then print per stage what it would run (nodes x tasks, training plans) and exit")
     p.set_defaults(func=cmd_run)
 
     p = subparsers.add_parser("resume", help="resume a run directory (or an MLflow parent run id)")
     p.add_argument("run", help="run directory (holds pipeline.yaml) or MLflow parent run id")
-    p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides applied to the saved config")
+    p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides applied to the run's config")
+    p.add_argument("--verbose", action="store_true", help="also show Prefect, MLflow and dask logs on the console")
     p.set_defaults(func=cmd_resume)
 
     p = subparsers.add_parser("status", help="stages done / running / failed and job states of a run")
@@ -35,8 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
 
-    p = subparsers.add_parser("compare", help="table of pipeline runs from MLflow: config differences and metrics")
-    p.add_argument("runs", nargs="*", help="MLflow parent run ids or run directories (default: latest runs)")
+    p = subparsers.add_parser("compare", help="table of pipeline runs from MLflow: what each recomputed, config differences, metrics")
+    p.add_argument("runs", nargs="*", help="MLflow parent run ids, or run directories (every run of each: its "
+                                           "history); default: the latest runs of the experiment")
     p.add_argument("--experiment", default=None, help="MLflow experiment (default: dinov2-pipeline)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: from the run dirs, or $MLFLOW_TRACKING_URI)")
     p.add_argument("--max-runs", type=int, default=10)
@@ -45,7 +52,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--baselines", action="store_true", help="also show the random-init / raw-pixel baseline metrics")
     p.set_defaults(func=cmd_compare)
 
-    p = subparsers.add_parser("deploy", help="register the Prefect deployments (prefect deploy) and print the worker command")
+    p = subparsers.add_parser("deploy", help="register the Prefect deployments (prefect deploy) with their config and schedule")
+    p.add_argument("--config", default=None,
+                   help="pipeline YAML the deployed flows run (default: the file's configs/pipeline/slurm_example.yaml)")
+    p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides the deployed runs apply to --config")
+    p.add_argument("--cron", default=None, help="schedule of the end-to-end deployment, e.g. '0 3 * * 0' (weekly)")
+    p.add_argument("--timezone", default="UTC", help="timezone of --cron (default: UTC)")
     p.add_argument("--name", action="append", default=None, help="deployment name(s) (default: all)")
     p.add_argument("--pool", default="dinov2-process", help="process work pool name")
     p.add_argument("--prefect-file", default=os.path.join(REPO_ROOT, "deployments", "prefect.yaml"))
@@ -55,31 +67,59 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--source", default=None, help="image folder or s3:// prefix instead of the generated images")
     p.add_argument("--work-dir", default="dinov2-demo", help="run directory (default: ./dinov2-demo)")
     p.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of configs/pipeline/demo.yaml")
+    p.add_argument("--verbose", action="store_true", help="also show Prefect, MLflow and dask logs on the console")
     p.set_defaults(func=cmd_demo)
 
 
-def _prefect_env(work_dir: str | None = None) -> None:
-    """Quiet, self-contained Prefect defaults (never overriding what the user set)."""
+QUIET_LOGGERS = ("mlflow", "distributed", "dask", "curation", "tasks", "alembic", "httpx", "urllib3")
+
+
+def prepare_environment(work_dir: str | None = None, verbose: bool = False) -> None:
+    """Prefect settings and the console, set before anything imports Prefect (it reads its settings once,
+    at import); never overriding what the user set. The console shows one line per stage plus warnings;
+    ``--verbose`` adds Prefect's, MLflow's and dask's own logs."""
+    import logging
+
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
     # the ephemeral API server can take >20 s to start on a loaded 2-core machine
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    if not verbose:
+        # Prefect's console handler only: flow and task logs still reach the Prefect API (the UI shows them)
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     if work_dir and not os.environ.get("PREFECT_API_URL") and not os.environ.get("PREFECT_HOME"):
         os.environ["PREFECT_HOME"] = os.path.join(os.path.abspath(work_dir), "prefect")
+    progress = logging.getLogger("dinov2.progress")
+    if not progress.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s  %(message)s", datefmt="%H:%M:%S"))
+        from dinov2_core.utils.redact import RedactingFilter
+
+        handler.addFilter(RedactingFilter())
+        progress.addHandler(handler)
+        progress.setLevel(logging.INFO)
+        progress.propagate = False
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
 
 
-def run_pipeline(cfg) -> dict[str, Any]:
+def run_pipeline(cfg, config_path: str | None = None, overrides: list[str] | None = None):
+    """Run the flow; with ``config_path`` the flow's parameters are the path and overrides (what the
+    Prefect database stores), not the resolved config."""
     from flows.pipeline import dinov2_pipeline
 
+    if config_path:
+        return dinov2_pipeline(config_path=os.path.abspath(config_path), overrides=list(overrides or []))
     return dinov2_pipeline(config=cfg)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from tasks.config import load_pipeline_config
+    prepare_environment(verbose=args.verbose)
+    from tasks.wiring import load_pipeline_config
 
     cfg = load_pipeline_config(args.config, args.overrides)  # every stage validated before anything runs
-    _prefect_env()
-    results = run_pipeline(cfg)
+    if args.dry_run:
+        return print_plan(cfg)
+    results = run_pipeline(cfg, args.config, args.overrides)
     print_summary(cfg, results)
     return 0
 
@@ -106,69 +146,28 @@ def find_run_dir(run: str) -> str:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from tasks.config import load_pipeline_config
+    prepare_environment(verbose=args.verbose)
+    from dinov2_core.utils.config import ConfigError
+    from tasks.wiring import load_pipeline_config
 
     run_dir = find_run_dir(args.run)
-    cfg = load_pipeline_config(os.path.join(run_dir, "pipeline.yaml"), args.overrides)
-    _prefect_env()
-    results = run_pipeline(cfg)
+    saved = os.path.join(run_dir, "pipeline.yaml")
+    with open(saved, encoding="utf-8") as handle:
+        if "***" in handle.read():
+            raise ConfigError(f"{saved}: secrets in the config were masked when it was saved; run "
+                              "'dinov2-pipeline run' with the original config on the same work_dir, or pass "
+                              "secrets through the environment (AWS_*, MLFLOW_TRACKING_PASSWORD, ...)")
+    cfg = load_pipeline_config(saved, args.overrides)
+    results = run_pipeline(cfg, saved, args.overrides)
     print_summary(cfg, results)
     return 0
 
 
-def collect_status(run_dir: str) -> dict[str, Any]:
-    from tasks.config import STAGES
-    from tasks.stage import read_json, read_state, read_success
-
-    record = read_json(os.path.join(run_dir, "_run.json")) or {}
-    stages = {}
-    for stage in STAGES:
-        stage_dir = os.path.join(run_dir, stage)
-        if not os.path.isdir(stage_dir):
-            continue
-        state = read_state(stage_dir)
-        success = read_success(stage_dir)
-        info: dict[str, Any] = {"status": "done" if success else state.get("status", "pending")}
-        if success:
-            info["finished_at"] = success.get("finished_at")
-            info["seconds"] = success.get("result", {}).get("seconds")
-        if state.get("error") and not success:
-            info["error"] = state["error"].splitlines()[0][:200]
-        job = state.get("job")
-        if job:
-            info["job"] = f"{job['kind']} {job['job_id']}"
-            if job["kind"] == "slurm" and not success:
-                info["job_state"] = _slurm_state(job)
-        metrics = os.path.join(stage_dir, "metrics.jsonl")
-        if os.path.exists(metrics) and not success:
-            last = _last_line(metrics)
-            if last:
-                info["iteration"] = last.get("iteration")
-        stages[stage] = info
-    return {"run_dir": run_dir, "run": record, "stages": stages}
-
-
-def _slurm_state(job: dict[str, Any]) -> str:
-    try:
-        import submitit
-
-        return str(submitit.SlurmJob(job["folder"], job["job_id"]).state)
-    except Exception as err:  # sacct not reachable from here
-        return f"unknown ({type(err).__name__})"
-
-
-def _last_line(path: str) -> dict[str, Any] | None:
-    try:
-        with open(path, "rb") as handle:
-            lines = handle.read().splitlines()
-        return json.loads(lines[-1]) if lines else None
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def cmd_status(args: argparse.Namespace) -> int:
+    from tasks.pipeline_run import run_status
+
     run_dir = find_run_dir(args.run)
-    status = collect_status(run_dir)
+    status = run_status(run_dir)
     if args.json:
         print(json.dumps(status, indent=2, default=str))
         return 0
@@ -176,61 +175,32 @@ def cmd_status(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     record = status["run"]
-    table = Table(title=f"{record.get('name', '')} — {run_dir} ({record.get('status', 'unknown')})")
-    for column in ("stage", "status", "job", "job state", "iteration", "seconds", "error"):
-        table.add_column(column)
+    runs = status["runs"]
+    title = f"{record.get('name', '')} — {run_dir} (run #{runs[-1]['run_number'] if runs else '?'}: {record.get('status', 'unknown')})"
+    table = Table(title=title)
+    for column in ("stage", "status", "why", "job", "job state", "iteration", "seconds", "error"):
+        table.add_column(column, overflow="fold")
     for stage, info in status["stages"].items():
-        table.add_row(stage, info["status"], info.get("job", ""), info.get("job_state", ""),
-                      str(info.get("iteration", "")), str(info.get("seconds", "") or ""), info.get("error", ""))
-    Console().print(table)
+        status_text = info["status"] if info["outcome"] in (info["status"], None) else f"{info['status']} ({info['outcome']})"
+        table.add_row(stage, status_text, info.get("reason", ""), info.get("job", ""), info.get("job_state", ""),
+                      str(info.get("iteration", "") or ""), str(info.get("seconds", "") or ""), info.get("error", ""))
+    Console(width=160).print(table)
     if record.get("mlflow_parent_run_id"):
-        print(f"MLflow parent run: {record['mlflow_parent_run_id']} ({record.get('tracking_uri')})")
+        print(f"MLflow parent run: {record['mlflow_parent_run_id']} ({record.get('tracking_uri')}); "
+              f"history: dinov2-pipeline compare {run_dir}")
     return 0
 
 
-def compare_runs(
-    tracking_uri: str, experiment: str, run_ids: list[str], max_runs: int,
-    metric_filter: tuple[str, ...] = ("top1", "miou", "map"), baselines: bool = False,
-) -> tuple[list[str], list[dict[str, str]]]:
-    """Columns and rows: params that differ between the runs, then their metrics."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    if run_ids:
-        runs = [client.get_run(r) for r in run_ids]
-    else:
-        found = client.get_experiment_by_name(experiment)
-        if found is None:
-            return [], []
-        runs = client.search_runs(
-            [found.experiment_id], filter_string="tags.pipeline = 'dinov2'", order_by=["attributes.start_time DESC"],
-            max_results=max_runs,
-        )
-    keys = sorted({k for r in runs for k in r.data.params})
-    differing = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1 and not k.endswith(("work_dir", ".name"))]
-    metrics = sorted({
-        k for r in runs for k in r.data.metrics
-        if any(f in k for f in metric_filter) and (baselines or "baseline" not in k)
-    })
-    columns = ["run", "name", "status", *differing, *metrics]
-    rows = []
-    for r in runs:
-        row = {"run": r.info.run_id[:8], "name": r.info.run_name or "", "status": r.info.status}
-        row.update({k: r.data.params.get(k, "") for k in differing})
-        row.update({k: (f"{r.data.metrics[k]:.4g}" if k in r.data.metrics else "") for k in metrics})
-        rows.append(row)
-    return columns, rows
-
-
 def cmd_compare(args: argparse.Namespace) -> int:
-    from tasks.stage import read_json
+    from tasks.pipeline_run import read_run_file
+    from tasks.tracking import compare_runs
 
-    run_ids, uri = [], args.tracking_uri
+    run_ids, work_dirs, uri = [], [], args.tracking_uri
     experiment = args.experiment
     for item in args.runs:
         if os.path.isdir(item):
-            record = read_json(os.path.join(item, "_run.json")) or {}
-            run_ids.append(record.get("mlflow_parent_run_id"))
+            record = read_run_file(item)
+            work_dirs.append(record.get("work_dir") or os.path.abspath(item))
             uri = uri or record.get("tracking_uri")
             experiment = experiment or record.get("experiment")
         else:
@@ -239,8 +209,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not uri:
         print("compare: give --tracking-uri (e.g. sqlite:///RUN_DIR/mlflow.db) or run directories", file=sys.stderr)
         return 2
-    columns, rows = compare_runs(uri, experiment or "dinov2-pipeline", [r for r in run_ids if r], args.max_runs,
-                                 tuple(args.metric or ("top1", "miou", "map")), args.baselines)
+    columns, rows = compare_runs(uri, experiment or "dinov2-pipeline", run_ids, args.max_runs,
+                                 tuple(args.metric or ("top1", "miou", "map")), args.baselines, work_dirs)
     if not rows:
         print("compare: no pipeline runs found")
         return 1
@@ -260,13 +230,24 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     """``prefect work-pool create`` (if missing) + ``prefect deploy``; needs PREFECT_API_URL (a server)."""
     from deployments.deploy import deploy
 
+    parameters = None
+    if args.config:
+        from tasks.wiring import load_pipeline_config
+
+        load_pipeline_config(args.config, args.overrides)  # a scheduled run must not fail on a typo next week
+        parameters = {"config_path": os.path.abspath(args.config), "overrides": list(args.overrides)}
+    elif args.overrides:
+        print("deploy: KEY=VALUE overrides need --config FILE", file=sys.stderr)
+        return 2
     try:
-        deploy(args.name, args.pool, args.prefect_file)
+        deploy(args.name, args.pool, args.prefect_file, parameters=parameters, cron=args.cron, timezone=args.timezone)
     except RuntimeError as err:
         print(f"deploy: {err}", file=sys.stderr)
         return 2
-    print(f"Deployments registered on {os.environ['PREFECT_API_URL']}. Start a worker (on a node that can run sbatch):\n"
-          f"  prefect worker start --pool {args.pool}\n"
+    print(f"Deployments registered on {os.environ['PREFECT_API_URL']}"
+          + (f" (config {parameters['config_path']}, overrides {parameters['overrides']})" if parameters else "")
+          + (f", schedule '{args.cron}' {args.timezone}" if args.cron else "") + ".\n"
+          f"Start a worker (on a node that can run sbatch):\n  prefect worker start --pool {args.pool}\n"
           f"Trigger a run:\n  prefect deployment run 'dinov2-pipeline/pipeline'")
     return 0
 
@@ -283,9 +264,10 @@ def prepare_demo_data(data_dir: str) -> dict[str, str]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from tasks.config import load_pipeline_config
-
     work_dir = os.path.abspath(args.work_dir)
+    prepare_environment(work_dir, verbose=args.verbose)
+    from tasks.wiring import load_pipeline_config
+
     started = time.time()
     data = prepare_demo_data(os.path.join(work_dir, "data"))
     overrides = [f"work_dir={work_dir}", f"eval.val_manifest={data['test']}"]
@@ -293,39 +275,49 @@ def cmd_demo(args: argparse.Namespace) -> int:
         overrides.append(f"source={args.source}")
     else:
         overrides += [f"source={data['train']}", f"eval.train_manifest={data['train_manifest']}"]
-    cfg = load_pipeline_config(DEMO_CONFIG, [*overrides, *args.overrides])
-    _prefect_env(work_dir)
+    overrides += args.overrides
+    cfg = load_pipeline_config(DEMO_CONFIG, overrides)
     print(f"demo: running the pipeline in {work_dir} (images: {cfg.source})")
-    results = run_pipeline(cfg)
+    results = run_pipeline(cfg, DEMO_CONFIG, overrides)
     print_summary(cfg, results)
     print(f"\ndemo finished in {time.time() - started:.0f} s")
     return 0
 
 
+def print_plan(cfg) -> int:
+    """``run --dry-run``: what each enabled stage would run as, and the training plan of each training stage."""
+    from tasks.wiring import enabled_stages, plan_stages
+
+    print(f"pipeline {cfg.name}: {' -> '.join(enabled_stages(cfg))} in {cfg.work_dir} ({cfg.launcher.kind} launcher)")
+    for stage, text in plan_stages(cfg).items():
+        print(f"\n=== {stage} ===\n{text}")
+    return 0
+
+
 def print_summary(cfg, results: dict[str, Any]) -> None:
-    """The evaluation table, where outputs are, and how to open the MLflow and Prefect UIs."""
-    from tasks.report import evaluation_tables
+    """What each stage did, the evaluation table, where outputs are, how to open the MLflow and Prefect UIs."""
+    from tasks.report import evaluation_tables, pca_figures
 
     print("\n=== stages ===")
     for stage, result in results.items():
-        print(f"  {stage:9s} {result.get('seconds', 0):7.1f} s  {(result.get('outputs') or {}).get('dir', '')}")
+        print(f"  {stage:9s} {result.outcome:10s} {result.seconds:7.1f} s  {result.reason}")
     for name, table in evaluation_tables(results).items():
         print(f"\n=== evaluation of the {name} backbone (kNN on frozen features; random-init and raw-pixel baselines) ===")
         print(table)
-    eval_outputs = (results.get("eval") or {}).get("outputs") or {}
-    pca = [p for v in eval_outputs.values() if isinstance(v, dict) for p in v.get("pca_maps", [])]
-    if pca:
-        print("PCA feature maps:\n" + "\n".join(f"  {p}" for p in pca))
-    plots = [os.path.join(cfg.stage_dir(s), "loss_curve.png") for s in ("pretrain", "highres", "distill")]
+    figures = pca_figures(results)
+    if figures:
+        print("PCA feature maps:\n" + "\n".join(f"  {p}" for p in figures))
+    plots = [os.path.join(r.outputs["dir"], "loss_curve.png") for s, r in results.items() if s in ("pretrain", "highres", "distill")]
     plots = [p for p in plots if os.path.exists(p)]
     if plots:
         print("loss curves:\n" + "\n".join(f"  {p}" for p in plots))
-    report = ((results.get("report") or {}).get("outputs") or {}).get("report")
-    if report:
-        print(f"report: {report}")
-    model = (results.get("report") or {}).get("model") or {}
-    if model.get("registered_name"):
-        print(f"model registry: {model['registered_name']} version {model['registered_version']} ({model['model_uri']})")
+    report = results.get("report")
+    if report is not None:
+        print(f"report: {report.outputs.get('report')}")
+        model = report.extra.get("model") or {}
+        if model.get("registered_name"):
+            state = "new version" if model.get("new_version") else "unchanged weights, no new version"
+            print(f"model registry: {model['registered_name']} version {model['registered_version']} ({state})")
     if cfg.tracking.enabled:
         print(f"\nMLflow UI:  mlflow ui --backend-store-uri {cfg.mlflow_uri}   (then open http://127.0.0.1:5000)")
     home = os.environ.get("PREFECT_HOME")
