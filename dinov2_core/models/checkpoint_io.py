@@ -10,6 +10,9 @@ wrongly shaped keys. Formats handled:
 - teacher snapshots ``{"teacher": {"backbone.*", "dino_head.*", "ibot_head.*"}}`` and
   ``module.``-prefixed (DDP) state dicts;
 - our export directories: ``backbone.pth`` (hub format) + ``model.json`` (backbone spec).
+
+Every file is read with ``weights_only=True`` (:func:`safe_torch_load`): a ``.pth`` a user points the
+project at is never unpickled into arbitrary objects.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import io
 import json
 import math
 import os
+import pickle
 import re
 from typing import Any, Mapping
 
@@ -181,8 +185,30 @@ def infer_backbone_spec(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------ load
-def _torch_load(uri: str) -> Any:
-    return torch.load(io.BytesIO(read_bytes(uri)), map_location="cpu", weights_only=True)
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint file holds Python objects that loading would have to execute; it was refused."""
+
+
+def safe_torch_load(uri: str | os.PathLike) -> Any:
+    """``torch.load`` of a local path or URI with ``weights_only=True``: tensors, numbers, strings and
+    containers only, never arbitrary pickled objects (a planted ``.pth`` could run code when unpickled).
+
+    Raises :class:`UnsafeCheckpointError` naming the file when it holds anything else.
+    """
+    uri = os.fspath(uri)
+    try:
+        return torch.load(io.BytesIO(read_bytes(uri)), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpointError(
+            f"{uri}: refused to load: it holds pickled Python objects besides tensors and plain data "
+            f"({refusal_reason(err)}). Only weights-only checkpoints are loaded; re-save the state dict with "
+            "torch.save in a trusted environment") from None
+
+
+def refusal_reason(err: BaseException) -> str:
+    """The informative line of torch's weights-only refusal (which global it would have had to load)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0] if lines else "")
 
 
 def load_backbone(path_or_dir: str | os.PathLike, spec: dict[str, Any] | None = None) -> DinoVisionTransformer:
@@ -201,7 +227,7 @@ def load_backbone(path_or_dir: str | os.PathLike, spec: dict[str, Any] | None = 
     elif os.path.isdir(path):
         raise FileNotFoundError(f"{path} is a directory without {SPEC_FILE}; expected an export dir "
                                 f"({BACKBONE_FILE} + {SPEC_FILE}) or a .pth file")
-    state = extract_backbone_state_dict(_torch_load(weights))
+    state = extract_backbone_state_dict(safe_torch_load(weights))
     if spec is None:
         spec = infer_backbone_spec(state)
     model = build_backbone_from_spec(spec)

@@ -4,18 +4,26 @@ Layout under ``<output_dir>/checkpoints``::
 
     00000100/            one DCP directory per saved iteration (the last finished iteration)
         .metadata, __0_0.distcp, …   student, teacher, loss centers, optimizer, trainer state
-        rng_rank00000.pt             torch / numpy / python (/ CUDA) RNG states of each rank
+        rng_rank00000.pt             torch / numpy / python (/ CUDA) RNG states of each rank, as tensors
         .complete                    written last: only then is the checkpoint usable
 
 A checkpoint is written into ``.tmp-<iteration>`` and renamed when every rank has finished, then the
 marker is written; the ``keep_last`` newest are kept. Directories without a marker (a job killed while
 saving) are ignored and removed at the next start. DCP state dicts are keyed by parameter names, not
 by rank, so a checkpoint saved at one world size loads at any other.
+
+Nothing in a checkpoint is unpickled into arbitrary objects: RNG states are stored as tensors and
+numbers and read with ``weights_only=True``; DCP's ``.metadata`` (a pickle) is read by
+:class:`SafeFileSystemReader`, which admits only DCP's own metadata classes, and DCP's non-tensor entries
+by :class:`SafeLoadPlanner` with ``weights_only=True``. Load DCP directories only through these two
+(``safe_dcp_load``).
 """
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import random
 import re
 import shutil
@@ -26,7 +34,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultLoadPlanner
+import torch.distributed.checkpoint.metadata as dcp_metadata
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint._traverse import set_element  # private, as DefaultLoadPlanner uses it
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -34,6 +47,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from dinov2_core.models.checkpoint_io import UnsafeCheckpointError, refusal_reason, safe_torch_load
 from dinov2_core.utils.atomic import atomic_rename_dir, atomic_write_text
 
 COMPLETE_MARKER = ".complete"
@@ -41,7 +55,16 @@ _NAME = re.compile(r"^\d{8}$")
 
 
 def capture_rng_state() -> dict[str, Any]:
-    state = {"torch": torch.random.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's RNG states as tensors and plain numbers (loadable with ``weights_only=True``)."""
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.random.get_rng_state(),
+        "numpy": {"kind": str(np_kind), "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
+        "python": {"version": int(py_version), "internal": torch.tensor(py_internal, dtype=torch.int64),
+                   "gauss_next": py_gauss},
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -49,10 +72,98 @@ def capture_rng_state() -> dict[str, Any]:
 
 def restore_rng_state(state: dict[str, Any]) -> None:
     torch.random.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    python_state = state["python"]
+    random.setstate((python_state["version"], tuple(python_state["internal"].tolist()), python_state["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+#: Globals a DCP ``.metadata`` pickle may name besides the classes of ``torch.distributed.checkpoint.metadata``
+#: and torch dtypes: plain value types, nothing that runs code of the file's choosing.
+_METADATA_GLOBALS = frozenset({
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # looks a torch.layout up by name
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"),
+    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
+})
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata only: any other global (``os.system``, ``builtins.eval``, …) is refused."""
+
+    def __init__(self, file, source: str) -> None:
+        super().__init__(file)
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == dcp_metadata.__name__:
+            candidate = getattr(dcp_metadata, name, None)
+            if isinstance(candidate, type) and candidate.__module__ == module:
+                return candidate
+        elif module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        elif (module, name) in _METADATA_GLOBALS:
+            return super().find_class(module, name)
+        raise UnsafeCheckpointError(
+            f"{self.source}: refused to unpickle {module}.{name}: DCP metadata may only hold "
+            "torch.distributed.checkpoint metadata classes, torch.Size, dtypes and plain containers; "
+            "the file was not written by torch.distributed.checkpoint or was tampered with")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's file-system reader with ``.metadata`` read through a restricted unpickler."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        # same steps as FileSystemReader.read_metadata, except the unpickler
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as metadata_file:
+            metadata = _MetadataUnpickler(metadata_file, str(path)).load()
+        if not isinstance(metadata, Metadata):
+            raise UnsafeCheckpointError(f"{path}: not DCP metadata (got {type(metadata).__name__})")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner, reading non-tensor entries (numbers, strings, optimizer hyper-parameters)
+    with ``weights_only=True`` instead of unrestricted unpickling."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
+        try:
+            loaded = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise UnsafeCheckpointError(f"checkpoint entry {fqn!r}: refused to unpickle a non-tensor value "
+                                        f"({refusal_reason(err)})") from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], loaded)
+        else:
+            self.state_dict[fqn] = loaded
+
+
+def read_dcp_metadata(path: str | os.PathLike) -> Metadata:
+    """The metadata of DCP directory ``path``, read safely."""
+    return SafeFileSystemReader(str(path)).read_metadata()
+
+
+def safe_dcp_load(state: dict[str, Any], path: str | os.PathLike, allow_partial_load: bool = False) -> None:
+    """``dcp.load`` of directory ``path`` into ``state`` (in place) without unrestricted unpickling."""
+    try:
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)),
+                 planner=SafeLoadPlanner(allow_partial_load=allow_partial_load))
+    except CheckpointException as err:  # DCP wraps each rank's error; surface a refusal as itself
+        for failure in err.failures.values():
+            cause = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(cause, UnsafeCheckpointError):
+                raise UnsafeCheckpointError(f"{path}: {cause}") from None
+        raise
 
 
 def _barrier() -> None:
@@ -123,7 +234,7 @@ class CheckpointManager:
         else:
             model_state = get_model_state_dict(model)
             state = {"model": model_state, "trainer": {}}
-        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+        metadata = read_dcp_metadata(path)
         saved = set(metadata.state_dict_metadata)
         state["trainer"] = {key.split(".", 1)[1]: 0 for key in saved if key.startswith("trainer.")}
         # Parameters that never received a gradient (e.g. the mask token when distilling) have no AdamW
@@ -132,14 +243,14 @@ class CheckpointManager:
         if missing:
             raise RuntimeError(f"checkpoint {path} lacks {len(missing)} entries this model needs, e.g. {missing[:5]}; "
                                "was it written by a run with a different model or head configuration?")
-        dcp.load(state, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
+        safe_dcp_load(state, path, allow_partial_load=True)
         if optimizer is not None:
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         else:
             set_model_state_dict(model, state["model"])
         rng_file = path / f"rng_rank{self.rank:05d}.pt"
         if restore_rng and rng_file.exists():
-            restore_rng_state(torch.load(rng_file, weights_only=False))
+            restore_rng_state(safe_torch_load(rng_file))
         return dict(state["trainer"])
 
 
