@@ -11,8 +11,10 @@ wrongly shaped keys. Formats handled:
   ``module.``-prefixed (DDP) state dicts;
 - our export directories: ``backbone.pth`` (hub format) + ``model.json`` (backbone spec).
 
-Every file is read with ``weights_only=True`` (:func:`safe_torch_load`): a ``.pth`` a user points the
-project at is never unpickled into arbitrary objects.
+Every file is read with ``weights_only=True`` (:func:`safe_torch_load`), and DCP checkpoint directories
+through :func:`safe_dcp_load` / :func:`read_dcp_metadata` (DCP's ``.metadata`` is a pickle: a restricted
+unpickler admits only DCP's metadata classes; DCP's non-tensor entries are read ``weights_only``). A file
+a user points the project at is never unpickled into arbitrary objects.
 """
 
 from __future__ import annotations
@@ -26,7 +28,14 @@ import re
 from typing import Any, Mapping
 
 import torch
+import torch.distributed.checkpoint as dcp
+import torch.distributed.checkpoint.metadata as dcp_metadata
 from torch import Tensor, nn
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint._traverse import set_element  # private, as DefaultLoadPlanner uses it
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
 
 from dinov2_core.models import backbone_spec, build_backbone_from_spec
 from dinov2_core.models.vision_transformer import ARCH_NAMES, DinoVisionTransformer, arch_dims
@@ -209,6 +218,92 @@ def refusal_reason(err: BaseException) -> str:
     """The informative line of torch's weights-only refusal (which global it would have had to load)."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0] if lines else "")
+
+
+# -------------------------------------------------------------- DCP directories
+#: Globals a DCP ``.metadata`` pickle may name besides the classes of ``torch.distributed.checkpoint.metadata``
+#: and torch dtypes: plain value types, nothing that runs code of the file's choosing.
+_METADATA_GLOBALS = frozenset({
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # looks a torch.layout up by name
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"),
+    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
+})
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata only: any other global (``os.system``, ``builtins.eval``, …) is refused."""
+
+    def __init__(self, file, source: str) -> None:
+        super().__init__(file)
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == dcp_metadata.__name__:
+            candidate = getattr(dcp_metadata, name, None)
+            if isinstance(candidate, type) and candidate.__module__ == module:
+                return candidate
+        elif module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        elif (module, name) in _METADATA_GLOBALS:
+            return super().find_class(module, name)
+        raise UnsafeCheckpointError(
+            f"{self.source}: refused to unpickle {module}.{name}: DCP metadata may only hold "
+            "torch.distributed.checkpoint metadata classes, torch.Size, dtypes and plain containers; "
+            "the file was not written by torch.distributed.checkpoint or was tampered with")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's file-system reader with ``.metadata`` read through a restricted unpickler."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        # same steps as FileSystemReader.read_metadata, except the unpickler
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as metadata_file:
+            metadata = _MetadataUnpickler(metadata_file, str(path)).load()
+        if not isinstance(metadata, Metadata):
+            raise UnsafeCheckpointError(f"{path}: not DCP metadata (got {type(metadata).__name__})")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner, reading non-tensor entries (numbers, strings, optimizer hyper-parameters)
+    with ``weights_only=True`` instead of unrestricted unpickling."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
+        try:
+            loaded = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise UnsafeCheckpointError(f"checkpoint entry {fqn!r}: refused to unpickle a non-tensor value "
+                                        f"({refusal_reason(err)})") from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], loaded)
+        else:
+            self.state_dict[fqn] = loaded
+
+
+def read_dcp_metadata(path: str | os.PathLike) -> Metadata:
+    """The metadata of DCP directory ``path``, read safely."""
+    return SafeFileSystemReader(str(path)).read_metadata()
+
+
+def safe_dcp_load(state: dict[str, Any], path: str | os.PathLike, allow_partial_load: bool = False) -> None:
+    """``dcp.load`` of directory ``path`` into ``state`` (in place) without unrestricted unpickling."""
+    try:
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)),
+                 planner=SafeLoadPlanner(allow_partial_load=allow_partial_load))
+    except CheckpointException as err:  # DCP wraps each rank's error; surface a refusal as itself
+        for failure in err.failures.values():
+            cause = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(cause, UnsafeCheckpointError):
+                raise UnsafeCheckpointError(f"{path}: {cause}") from None
+        raise
 
 
 def load_backbone(path_or_dir: str | os.PathLike, spec: dict[str, Any] | None = None) -> DinoVisionTransformer:

@@ -13,17 +13,14 @@ saving) are ignored and removed at the next start. DCP state dicts are keyed by 
 by rank, so a checkpoint saved at one world size loads at any other.
 
 Nothing in a checkpoint is unpickled into arbitrary objects: RNG states are stored as tensors and
-numbers and read with ``weights_only=True``; DCP's ``.metadata`` (a pickle) is read by
-:class:`SafeFileSystemReader`, which admits only DCP's own metadata classes, and DCP's non-tensor entries
-by :class:`SafeLoadPlanner` with ``weights_only=True``. Load DCP directories only through these two
-(``safe_dcp_load``).
+numbers and read with ``weights_only=True``; DCP directories are read with
+``dinov2_core.models.checkpoint_io.safe_dcp_load`` / ``read_dcp_metadata`` (restricted unpickling of
+``.metadata``, ``weights_only`` for non-tensor entries).
 """
 
 from __future__ import annotations
 
-import io
 import os
-import pickle
 import random
 import re
 import shutil
@@ -34,12 +31,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.distributed.checkpoint.metadata as dcp_metadata
-from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint._traverse import set_element  # private, as DefaultLoadPlanner uses it
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -47,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from dinov2_core.models.checkpoint_io import UnsafeCheckpointError, refusal_reason, safe_torch_load
+from dinov2_core.models.checkpoint_io import read_dcp_metadata, safe_dcp_load, safe_torch_load
 from dinov2_core.utils.atomic import atomic_rename_dir, atomic_write_text
 
 COMPLETE_MARKER = ".complete"
@@ -79,91 +70,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate((python_state["version"], tuple(python_state["internal"].tolist()), python_state["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-#: Globals a DCP ``.metadata`` pickle may name besides the classes of ``torch.distributed.checkpoint.metadata``
-#: and torch dtypes: plain value types, nothing that runs code of the file's choosing.
-_METADATA_GLOBALS = frozenset({
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),  # looks a torch.layout up by name
-    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
-    ("collections", "OrderedDict"),
-    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
-})
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP metadata only: any other global (``os.system``, ``builtins.eval``, …) is refused."""
-
-    def __init__(self, file, source: str) -> None:
-        super().__init__(file)
-        self.source = source
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module == dcp_metadata.__name__:
-            candidate = getattr(dcp_metadata, name, None)
-            if isinstance(candidate, type) and candidate.__module__ == module:
-                return candidate
-        elif module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        elif (module, name) in _METADATA_GLOBALS:
-            return super().find_class(module, name)
-        raise UnsafeCheckpointError(
-            f"{self.source}: refused to unpickle {module}.{name}: DCP metadata may only hold "
-            "torch.distributed.checkpoint metadata classes, torch.Size, dtypes and plain containers; "
-            "the file was not written by torch.distributed.checkpoint or was tampered with")
-
-
-class SafeFileSystemReader(FileSystemReader):
-    """DCP's file-system reader with ``.metadata`` read through a restricted unpickler."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        # same steps as FileSystemReader.read_metadata, except the unpickler
-        path = self._get_metadata_path(kwargs.get("rank"))
-        with self.fs.create_stream(path, "rb") as metadata_file:
-            metadata = _MetadataUnpickler(metadata_file, str(path)).load()
-        if not isinstance(metadata, Metadata):
-            raise UnsafeCheckpointError(f"{path}: not DCP metadata (got {type(metadata).__name__})")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
-class SafeLoadPlanner(DefaultLoadPlanner):
-    """DCP's default load planner, reading non-tensor entries (numbers, strings, optimizer hyper-parameters)
-    with ``weights_only=True`` instead of unrestricted unpickling."""
-
-    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        fqn = read_item.dest_index.fqn
-        try:
-            loaded = torch.load(value, weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise UnsafeCheckpointError(f"checkpoint entry {fqn!r}: refused to unpickle a non-tensor value "
-                                        f"({refusal_reason(err)})") from None
-        if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[fqn], loaded)
-        else:
-            self.state_dict[fqn] = loaded
-
-
-def read_dcp_metadata(path: str | os.PathLike) -> Metadata:
-    """The metadata of DCP directory ``path``, read safely."""
-    return SafeFileSystemReader(str(path)).read_metadata()
-
-
-def safe_dcp_load(state: dict[str, Any], path: str | os.PathLike, allow_partial_load: bool = False) -> None:
-    """``dcp.load`` of directory ``path`` into ``state`` (in place) without unrestricted unpickling."""
-    try:
-        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)),
-                 planner=SafeLoadPlanner(allow_partial_load=allow_partial_load))
-    except CheckpointException as err:  # DCP wraps each rank's error; surface a refusal as itself
-        for failure in err.failures.values():
-            cause = failure[0] if isinstance(failure, tuple) else failure
-            if isinstance(cause, UnsafeCheckpointError):
-                raise UnsafeCheckpointError(f"{path}: {cause}") from None
-        raise
 
 
 def _barrier() -> None:

@@ -20,7 +20,8 @@ import torch
 
 from dinov2_core.models import build_backbone
 from dinov2_core.models.checkpoint_io import UnsafeCheckpointError, export_backbone_dir, load_backbone, safe_torch_load
-from dinov2_core.train.checkpointing import CheckpointManager, read_dcp_metadata
+from dinov2_core.models.checkpoint_io import read_dcp_metadata
+from dinov2_core.train.checkpointing import CheckpointManager
 
 
 class ShellPlant:

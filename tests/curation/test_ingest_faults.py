@@ -15,7 +15,6 @@ import threading
 import time
 
 import pytest
-from PIL import Image
 
 from curation.config import IngestConfig
 from curation.ingest import TRANSIENT_REASON, IngestIncompleteError, run_ingest
