@@ -41,6 +41,9 @@ from dinov2_core.models.checkpoint_io import (
     SPEC_FILE,
     load_backbone,
     load_state_dict_strict,
+    read_dcp_metadata,
+    safe_dcp_load,
+    safe_torch_load,
     to_official_state_dict,
 )
 from dinov2_core.models.heads import DINOHead
@@ -424,7 +427,7 @@ def _read_weights(path: str | os.PathLike) -> dict[str, Tensor]:
         from safetensors.torch import load_file
 
         return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return safe_torch_load(path)
 
 
 # ---------------------------------------------------------- sources
@@ -439,13 +442,11 @@ class ExportSource:
 
 
 def _read_dcp_model_state(checkpoint: Path) -> dict[str, Tensor]:
-    """Every tensor under ``model.`` of a DCP checkpoint, unsharded, in this (single) process."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import DefaultLoadPlanner
+    """Every tensor under ``model.`` of a DCP checkpoint, unsharded, in this (single) process, read without
+    unrestricted unpickling (:func:`~dinov2_core.models.checkpoint_io.safe_dcp_load`)."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    reader = dcp.FileSystemReader(str(checkpoint))
-    metadata = reader.read_metadata()
+    metadata = read_dcp_metadata(checkpoint)
     state = {key[len("model."):]: torch.empty(entry.size, dtype=entry.properties.dtype)
              for key, entry in metadata.state_dict_metadata.items()
              if key.startswith("model.") and isinstance(entry, TensorStorageMetadata)}
@@ -453,7 +454,7 @@ def _read_dcp_model_state(checkpoint: Path) -> dict[str, Tensor]:
         raise ExportError(f"{checkpoint} holds no model tensors (keys {sorted(metadata.state_dict_metadata)[:5]})")
     with warnings.catch_warnings():  # a single-process read is the intent, not a mistake to warn about
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        dcp.load({"model": state}, storage_reader=reader, planner=DefaultLoadPlanner(allow_partial_load=True))
+        safe_dcp_load({"model": state}, checkpoint, allow_partial_load=True)
     return state
 
 

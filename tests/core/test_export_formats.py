@@ -227,6 +227,12 @@ def test_full_training_state_from_dcp_checkpoint(training_run, tmp_path):
     check_hf(published, tmp_path / "exports" / "hf", x)  # backbone formats come from the same checkpoint
     with pytest.raises(KeyError, match="allowed: \\['student.backbone'"):
         state.state_dict("model_ema", "backbone")
+    # without safetensors: the same tensors in a torch.save file, read back weights-only
+    export(training_run, tmp_path / "torch", ["full"], weights_format="torch")
+    assert (tmp_path / "torch" / "full" / "training_state.pth").exists()
+    again = load_training_state(tmp_path / "torch" / "full")
+    assert again.tensors.keys() == state.tensors.keys()
+    assert all(torch.equal(again.tensors[k], v) for k, v in state.tensors.items())
 
 
 def test_cli_export_prints_the_load_calls_and_rejects_bad_input(training_run, tmp_path, capsys):
