@@ -215,3 +215,51 @@ def test_call_with_retries_retries_transient_errors_only():
     with pytest.raises(ConnectionResetError):
         call_with_retries(down, retries=2, backoff_s=0.001)
     assert len(calls) == 3  # first try + 2 retries
+
+
+def test_exif_orientation_is_applied():
+    landscape = Image.new("RGB", (40, 20), (255, 0, 0))
+    landscape.paste((0, 0, 255), (0, 0, 10, 20))  # blue band on the left edge of the stored pixels
+    exif = landscape.getexif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    buffer = io.BytesIO()
+    landscape.save(buffer, "JPEG", exif=exif.tobytes(), quality=95)
+    upright = decode_image(buffer.getvalue())
+    assert upright.size == (20, 40)
+    blue, red = upright.getpixel((10, 3)), upright.getpixel((10, 36))  # the left band is now on top
+    assert blue[2] > 200 and blue[0] < 50 and red[0] > 200 and red[2] < 50
+
+
+@pytest.mark.parametrize("mode,fmt", [("I;16", "PNG"), ("I;16", "TIFF"), ("I;16B", "TIFF")])
+def test_sixteen_bit_greyscale_keeps_its_full_range(mode, fmt):
+    ramp = (np.arange(256, dtype=np.uint32).reshape(16, 16) * 257).astype(np.uint16)  # 0 … 65535
+    raw = ramp.astype(">u2" if mode.endswith("B") else "<u2").tobytes()
+    buffer = io.BytesIO()
+    Image.frombytes(mode, (16, 16), raw).save(buffer, fmt)
+    rgb = np.asarray(decode_image(buffer.getvalue()))
+    assert rgb.dtype == np.uint8 and rgb.shape == (16, 16, 3)
+    assert np.array_equal(rgb[..., 0], (ramp >> 8).astype(np.uint8)) and np.array_equal(rgb[..., 0], rgb[..., 2])
+
+
+def test_transient_read_failures_are_raised_not_reported_as_undecodable(monkeypatch):
+    import socket
+
+    from dinov2_core.utils.errors import is_transient_error
+
+    with socket.socket() as probe:  # a port nobody listens on: connection refused
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        with pytest.raises(Exception) as err:
+            load_image("s3://bucket/image.jpg", read_retries=1, read_backoff_s=0.01)
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+    assert not isinstance(err.value, ImageDecodeError)
+    assert is_transient_error(err.value), repr(err.value)
