@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from dinov2_core.models import backbone_spec, build_backbone_from_spec
 from dinov2_core.models.checkpoint_io import (
     SPEC_FILE,
+    infer_backbone_spec,
     load_backbone,
     load_state_dict_strict,
     read_dcp_metadata,
@@ -468,6 +469,11 @@ def _training_checkpoint(path: Path) -> Path | None:
     return None
 
 
+def _side_backbone(state: Mapping[str, Tensor], side: str) -> dict[str, Tensor]:
+    prefix = f"{side}.backbone."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 def _source_from_checkpoint(checkpoint: Path) -> ExportSource:
     from dinov2_core.train.config import load_train_config
     from dinov2_core.train.exporting import head_config
@@ -483,12 +489,15 @@ def _source_from_checkpoint(checkpoint: Path) -> ExportSource:
     sides = sorted({k.split(".", 1)[0] for k in state if ".backbone." in k})
     exported = "model_ema" if "model_ema" in sides else "teacher"  # same rule as SSLMetaArch.exported_backbone
     spec = {"arch": cfg.student.arch, "kwargs": {**backbone_kwargs(cfg, drop_path=False), "block_chunks": 0}}
+    # When distilling, the frozen teacher is another model (its export's spec is not in this run's config):
+    # its spec is read from its tensor shapes. Every other side is a copy of the configured student.
+    backbones = {side: infer_backbone_spec(_side_backbone(state, side)) if cfg.phase == "distill" and side == "teacher"
+                 else spec for side in sides}
     backbone = build_backbone_from_spec(spec)
-    prefix = f"{exported}.backbone."
-    load_state_dict_strict(backbone, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    load_state_dict_strict(backbone, _side_backbone(state, exported))
     info = {"iteration": int(checkpoint.name) if checkpoint.name.isdigit() else None, "checkpoint": str(checkpoint),
-            "phase": cfg.phase, "exported_side": exported, "backbone": spec, "heads": head_config(cfg),
-            "config": to_dict(cfg)}
+            "phase": cfg.phase, "exported_side": exported, "backbone": spec, "backbones": backbones,
+            "heads": head_config(cfg), "config": to_dict(cfg)}
     return ExportSource(backbone.eval(), str(checkpoint), state, info)
 
 
@@ -541,7 +550,8 @@ def export_full(source: ExportSource, out_dir: str | os.PathLike, weights_format
 
 @dataclass
 class TrainingState:
-    """A ``full`` export read back: the spec and one state dict per ``<side>.<module>``."""
+    """A ``full`` export read back: the spec (``backbones`` holds each side's backbone spec) and one state dict
+    per ``<side>.<module>``."""
 
     spec: dict[str, Any]
     tensors: dict[str, Tensor]
@@ -559,7 +569,7 @@ class TrainingState:
 
     def modules(self, side: str) -> nn.ModuleDict:
         """The backbone and heads of ``side`` (``student``, ``teacher`` or ``model_ema``), loaded strictly."""
-        backbone = build_backbone_from_spec(self.spec["backbone"])
+        backbone = build_backbone_from_spec(self.spec["backbones"][side])
         load_state_dict_strict(backbone, self.state_dict(side, "backbone"))
         result = nn.ModuleDict({"backbone": backbone})
         for name in self.spec["modules"][side]:

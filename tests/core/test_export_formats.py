@@ -235,6 +235,30 @@ def test_full_training_state_from_dcp_checkpoint(training_run, tmp_path):
     assert all(torch.equal(again.tensors[k], v) for k, v in state.tensors.items())
 
 
+def test_full_training_state_of_a_distillation_keeps_each_sides_architecture(training_run, tmp_path):
+    """Distilling, the checkpoint holds the frozen teacher (here MLP), the student and its EMA (SwiGLU)."""
+    from dinov2_core.train import load_train_config, run_training
+
+    dataset = load_train_config(str(training_run / "config.yaml")).train.dataset
+    cfg = load_train_config("configs/train/tiny_distill.yaml", [
+        f"train.dataset={dataset}", f"distill.teacher_path={training_run}",
+        "student.ffn_layer=swiglufused", "optim.epochs=1", "train.official_epoch_length=2", "checkpoint.period=2",
+        "train.batch_size_per_gpu=4", "optim.warmup_epochs=0"])
+    run_training(cfg, tmp_path / "distill")
+    results = export(tmp_path / "distill", tmp_path / "exports", ["full", "hub"])
+    state = load_training_state(tmp_path / "exports" / "full")
+    assert state.sides == ["model_ema", "student", "teacher"] and state.spec["exported_side"] == "model_ema"
+    assert state.spec["backbones"]["teacher"]["kwargs"]["ffn_layer"] == "mlp"
+    assert state.spec["backbones"]["student"]["kwargs"]["ffn_layer"] == "swiglufused"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(state.modules("teacher")["backbone"](x), load_backbone(training_run / "export")(x))
+        published = load_backbone(tmp_path / "distill" / "export")  # the student's EMA
+        assert torch.equal(state.modules("model_ema")["backbone"](x), published(x))
+        assert torch.equal(load_backbone(tmp_path / "exports" / "hub")(x), published(x))
+    assert results["hub"]["official_kwargs"]["ffn_layer"] == "swiglufused"
+
+
 def test_cli_export_prints_the_load_calls_and_rejects_bad_input(training_run, tmp_path, capsys):
     from dinov2_pipeline.cli import main
 
