@@ -73,6 +73,9 @@ class _Checked:
         self.converted: collections.Counter = collections.Counter()
         self.transient_retries = 0
 
+    def count_retries(self, count: int) -> None:
+        self.transient_retries += count
+
     def lose(self, uri: str, err: BaseException) -> None:
         """A read that kept failing transiently: recorded as a loss, never as a broken image."""
         self.rejects.append({"uri": sources.printable(uri), "reason": TRANSIENT_REASON,
@@ -123,7 +126,7 @@ def _fetch(items: list[tuple[str, str | None]], read_retries: int, read_backoff_
         if sources.is_local(uri):
             try:
                 fetched[uri] = call_with_retries(lambda: _read_local(uri), read_retries, read_backoff_s,
-                                                 on_retry=lambda err, attempt: _count_retry(checked, 1))
+                                                 on_retry=lambda err, attempt: checked.count_retries(1))
             except Exception as err:  # judged (transient loss or permanent reject) by _Checked.check
                 fetched[uri] = err
     remote = {uri: filesystem_for(uri)[1] for uri, _ in items if not sources.is_local(uri)}
@@ -146,14 +149,10 @@ def _fetch(items: list[tuple[str, str | None]], read_retries: int, read_backoff_
                 fetched[uri] = data
         if not retry:
             break
-        _count_retry(checked, len(retry))
+        checked.count_retries(len(retry))
         time.sleep(backoff_delay(attempt + 1, read_backoff_s))
         pending = retry
     return fetched
-
-
-def _count_retry(checked: _Checked, count: int) -> None:
-    checked.transient_retries += count
 
 
 def check_files(items: list[tuple[str, str | None]], max_pixels: int, min_side: int, read_retries: int = 0,
