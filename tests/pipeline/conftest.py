@@ -5,6 +5,7 @@ Tiny everywhere: vit_test at 32 px, one "epoch" of 4 iterations per training pha
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -47,6 +48,6 @@ def tiny_overrides(work_dir: str | os.PathLike, image_set: dict[str, str], *extr
 
 
 def load_tiny_config(work_dir, image_set, *extra: str, epochs: int = 1):
-    from tasks.config import load_pipeline_config
+    from tasks.wiring import load_pipeline_config
 
     return load_pipeline_config(DEMO_CONFIG, tiny_overrides(work_dir, image_set, *extra, epochs=epochs))

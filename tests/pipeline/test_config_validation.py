@@ -3,6 +3,7 @@ and the glue around the launcher / tracking / retries behaves as documented."""
 
 from __future__ import annotations
 
+import errno
 import os
 
 import pytest
@@ -36,7 +37,7 @@ def test_bad_config_names_key_and_allowed_values(tmp_path, image_set, override, 
 
 
 def test_missing_required_keys(tmp_path):
-    from tasks.config import load_pipeline_config
+    from tasks.wiring import load_pipeline_config
 
     with pytest.raises(ConfigError, match="source: required"):
         load_pipeline_config(DEMO_CONFIG, [f"work_dir={tmp_path}"])
@@ -53,14 +54,20 @@ def test_cli_rejects_bad_config_before_any_job(tmp_path, image_set, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_example_configs_validate(tmp_path):
-    from tasks.config import load_pipeline_config
+def test_example_configs_validate(tmp_path, image_set, mlflow_server_uri):
+    from tasks.wiring import load_pipeline_config
 
     root = os.path.dirname(DEMO_CONFIG)
+    # the examples name site paths and servers (/shared/..., s3://my-bucket/..., mlflow-host) that the user
+    # replaces on the command line, as their header says; a config's inputs and tracking server must be
+    # there before a run starts
+    site = [f"work_dir={tmp_path / 'run'}", f"source={image_set['train_dir']}",
+            f"eval.train_manifest={image_set['train_manifest']}", f"eval.val_manifest={image_set['test_manifest']}",
+            f"tracking.uri={mlflow_server_uri}"]
     for name in ("slurm_example.yaml", "vitg14_lvd.yaml"):
-        cfg = load_pipeline_config(os.path.join(root, name))
+        cfg = load_pipeline_config(os.path.join(root, name), site)
         assert cfg.launcher.kind == "slurm"
-    big = load_pipeline_config(os.path.join(root, "vitg14_lvd.yaml"))
+    big = load_pipeline_config(os.path.join(root, "vitg14_lvd.yaml"), site)
     assert big.launcher.resources_for("pretrain").nodes == 12
     assert big.launcher.resources_for("distill").nodes == 4
     assert big.launcher.resources_for("distill").gpus_per_node == 8
@@ -98,33 +105,72 @@ def test_stage_job_requeues_a_fresh_copy():
     assert delayed.function.kwargs == job.kwargs and delayed.function.distributed
 
 
+def _s3fs_error(code: str, status: int) -> OSError:
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    response = {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
+    return translate_boto_error(ClientError(response, "GetObject"))
+
+
 def test_retry_only_transient_failures():
-    from tasks.stage import TransientStageError, is_transient
+    from tasks.launch import StageJobFailed, TransientStageError
+    from tasks.prefect_task import is_transient
 
     assert is_transient(TransientStageError("sbatch: socket timed out"))
     assert is_transient(ConnectionError("reset"))
-    assert is_transient(OSError(5, "S3 slow down"))
+    # what a stage sees of S3 errors: s3fs's translation of botocore's ClientError (the cause is kept)
+    assert is_transient(_s3fs_error("SlowDown", 503)) and is_transient(_s3fs_error("InternalError", 500))
+    assert not is_transient(_s3fs_error("AccessDenied", 403)) and not is_transient(_s3fs_error("NoSuchKey", 404))
+    assert not is_transient(OSError(errno.ENOSPC, "No space left on device"))
     assert not is_transient(ConfigError("optim.lr: bad"))
     assert not is_transient(FileNotFoundError("missing manifest"))
     assert not is_transient(ValueError("shape mismatch"))
+    assert not is_transient(StageJobFailed("slurm job 7 failed: ...", "RuntimeError: CUDA error"))
 
 
 def test_params_never_carry_credentials():
     from tasks.tracking import scrub
 
-    params = scrub({"s3": {"aws_secret_access_key": "x", "token": "y", "endpoint": "http://user:pw@host:9000"},
-                    "optim": {"lr": 0.1}})
-    assert params == {"s3.endpoint": "http://***@host:9000", "optim.lr": "0.1"}
+    secrets = {"aws_secret_access_key": "wJalrXUtnFEMI", "token": "tok-3f9a", "endpoint": "http://user:pw-7c1@host:9000"}
+    params = scrub({"s3": secrets, "optim": {"lr": 0.1}})
+    # secret values are masked (the key stays, so the run shows that one was set)
+    assert params == {"s3.aws_secret_access_key": "***", "s3.token": "***", "s3.endpoint": "http://***@host:9000",
+                      "optim.lr": "0.1"}
+    assert not any(secret in value for value in params.values() for secret in ("wJalrXUtnFEMI", "tok-3f9a", "pw-7c1"))
 
 
-def test_success_manifest_tracks_inputs(tmp_path):
-    from tasks.stage import StageSpec, finished_result, read_success, write_success
+def test_completion_record_tracks_inputs_and_outputs(tmp_path):
+    """A stage is done iff its identity's record exists and its recorded outputs are intact."""
+    from tasks.record import StageResult, StageSpec, current_record, finished, write_record
 
-    spec = StageSpec("embed", str(tmp_path), {"batch_size": 4}, {"manifest": "m.parquet"}, str(tmp_path))
-    assert finished_result(spec) is None
-    write_success(spec, {"outputs": {"dir": str(tmp_path)}}, [str(tmp_path)])
-    assert finished_result(spec) == {"outputs": {"dir": str(tmp_path)}}
-    assert read_success(str(tmp_path))["code_version"]
-    changed = StageSpec("embed", str(tmp_path), {"batch_size": 8}, {"manifest": "m.parquet"}, str(tmp_path))
-    assert finished_result(changed) is None
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+    manifest = tmp_path / "m.parquet"
+    manifest.write_bytes(b"rows")
+    root = str(tmp_path / "run" / "embed")
+
+    def spec(batch_size: int = 4) -> StageSpec:
+        return StageSpec("embed", {"batch_size": batch_size}, stage_root=root, data_root=root,
+                         inputs={"manifest": str(manifest)}, external=("manifest",))
+
+    first = spec()
+    assert finished(first) == (None, "no finished result for these inputs")
+    os.makedirs(first.output_uri)
+    shard = os.path.join(first.output_uri, "shard-00000.npy")
+    with open(shard, "wb") as handle:
+        handle.write(b"vectors")
+    write_record(first, StageResult("embed", first.identity, {"dir": first.output_uri, "embeddings": first.output_uri}))
+    done, why_not = finished(spec())
+    assert why_not == "" and done.outputs == {"dir": first.output_uri, "embeddings": first.output_uri}
+    record = current_record(root)
+    assert record["identity"] == first.identity and record["code_version"] and record["parts"] == first.parts()
+    assert not [p for p in os.listdir(first.stage_dir) if p.startswith(".tmp")]
+
+    changed = spec(batch_size=8)  # another config is another identity, in its own directory
+    assert changed.stage_dir != first.stage_dir and finished(changed)[0] is None
+
+    with open(shard, "ab") as handle:  # an output modified after the stage finished: not done any more
+        handle.write(b" and more")
+    assert finished(spec()) == (None, f"output embeddings ({first.output_uri}) was modified after the stage finished")
+
+    manifest.write_bytes(b"other rows")  # the same input URI with other content is another identity
+    assert spec().identity != first.identity
