@@ -111,6 +111,7 @@ class BackboneLayout:
 
 
 def backbone_layout(backbone: DinoVisionTransformer) -> BackboneLayout:
+    """The layout of a backbone built by ``build_backbone`` (or loaded with ``load_backbone``)."""
     spec = backbone_spec(backbone)
     kwargs = spec["kwargs"]
     ffn_layer = kwargs.get("ffn_layer", "mlp")
@@ -460,9 +461,12 @@ def _read_dcp_model_state(checkpoint: Path) -> dict[str, Tensor]:
 
 
 def _training_checkpoint(path: Path) -> Path | None:
-    from dinov2_core.train.checkpointing import CheckpointManager  # lazy: models must not need train at import
+    from dinov2_core.train.checkpointing import COMPLETE_MARKER, CheckpointManager  # lazy: not needed at import
 
     if (path / ".metadata").exists():
+        if not (path / COMPLETE_MARKER).exists():
+            raise ExportError(f"{path} is an incomplete DCP checkpoint (no {COMPLETE_MARKER} marker: the job was "
+                              "stopped while saving); pass a complete one or the training output directory")
         return path
     if (path / "checkpoints").is_dir():
         return CheckpointManager(path, keep_last=1).latest()

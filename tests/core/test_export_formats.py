@@ -294,3 +294,7 @@ def test_bad_sources_and_formats_name_the_allowed_values(tmp_path):
     with pytest.raises(ExportError, match="weights_format='zip'; allowed"):
         export(tmp_path / "src", tmp_path / "out", ["hf"], weights_format="zip")
     assert not any(p.name.startswith(".") for p in (tmp_path / "out").iterdir())  # temporaries removed
+    (tmp_path / "half-saved").mkdir()
+    (tmp_path / "half-saved" / ".metadata").write_bytes(b"")
+    with pytest.raises(ExportError, match="incomplete DCP checkpoint"):
+        read_export_source(tmp_path / "half-saved")
