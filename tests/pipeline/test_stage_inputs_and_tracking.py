@@ -1,10 +1,11 @@
-"""Stage inputs and MLflow storage: source listings feed the ingest hash; SQLite artifacts stay next to the DB."""
+"""Stage inputs and MLflow storage: source listings feed the ingest identity; SQLite artifacts stay next to the DB."""
 
 from __future__ import annotations
 
 import os
 
 from tasks.tracking import Tracker, default_artifact_location
+from tests.pipeline.conftest import DEMO_CONFIG
 
 
 def test_sqlite_store_keeps_artifacts_next_to_the_database(tmp_path, monkeypatch):
@@ -23,18 +24,19 @@ def test_sqlite_store_keeps_artifacts_next_to_the_database(tmp_path, monkeypatch
     assert default_artifact_location("http://127.0.0.1:5000") is None
 
 
-def test_ingest_input_hash_follows_the_source_contents(tmp_path):
-    """A scheduled run over the same source URI re-ingests when images were added."""
+def test_ingest_identity_follows_the_source_contents(tmp_path):
+    """A scheduled run over the same source URI re-ingests when images were added, into a new directory."""
     from PIL import Image
 
-    from tasks import stage_configs
-    from tasks.config import load_pipeline_config
+    from tasks import wiring
 
     source = tmp_path / "images"
     source.mkdir()
     Image.new("RGB", (8, 8), "red").save(source / "a.png")
-    cfg = load_pipeline_config("configs/pipeline/demo.yaml", [f"work_dir={tmp_path}/run", f"source={source}", f"eval.val_manifest={source}"])
-    before = stage_configs.build(cfg, "ingest").input_hash()
-    assert stage_configs.build(cfg, "ingest").input_hash() == before
+    cfg = wiring.load_pipeline_config(DEMO_CONFIG, [f"work_dir={tmp_path}/run", f"source={source}", f"eval.val_manifest={source}"])
+    before = wiring.build(cfg, "ingest")
+    assert wiring.build(cfg, "ingest").identity == before.identity
     Image.new("RGB", (8, 8), "blue").save(source / "b.png")
-    assert stage_configs.build(cfg, "ingest").input_hash() != before
+    after = wiring.build(cfg, "ingest")
+    assert after.identity != before.identity and after.output_uri != before.output_uri
+    assert [name for name, part in after.parts().items() if before.parts()[name] != part] == ["input:source"]
