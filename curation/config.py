@@ -130,6 +130,14 @@ class DedupConfig:
     near: bool = True
     k: int = 64
     threshold: float = 0.93
+    # In crowded parts of the descriptor space (featureless sea, sky, plain backgrounds) different
+    # images look alike: there the threshold rises by crowding_weight * (crowd - crowding_start), crowd
+    # being an image's similarity to its crowding_rank-th nearest image (copies above
+    # crowding_ignore_above not counted). 0 turns it off. Measured in bench/bench_dedup.py.
+    crowding_rank: int = 8
+    crowding_weight: float = 0.5
+    crowding_start: float = 0.87
+    crowding_ignore_above: float = 0.97
     decontam_threshold: float = 0.9
     index: Literal["auto", "flat", "ivf"] = "auto"
     flat_max: int = 200_000
@@ -147,6 +155,11 @@ class DedupConfig:
         _require(-1.0 <= self.decontam_threshold <= 1.0, f"decontam_threshold: must be in [-1, 1], got {self.decontam_threshold}")
         _require(self.decontam_threshold <= self.threshold,
                  f"decontam_threshold: must be <= threshold ({self.threshold}) so decontamination is stricter")
+        _require(0 <= self.crowding_rank <= self.k, f"crowding_rank: must be in [0, k={self.k}], got {self.crowding_rank}")
+        _require(self.crowding_weight >= 0, f"crowding_weight: must be >= 0, got {self.crowding_weight}")
+        _require(-1.0 <= self.crowding_start <= 1.0, f"crowding_start: must be in [-1, 1], got {self.crowding_start}")
+        _require(-1.0 <= self.crowding_ignore_above <= 1.0,
+                 f"crowding_ignore_above: must be in [-1, 1], got {self.crowding_ignore_above}")
         _require(self.ivf_nlist >= 0, f"ivf_nlist: must be >= 0, got {self.ivf_nlist}")
         _require(self.ivf_nprobe >= 1, f"ivf_nprobe: must be >= 1, got {self.ivf_nprobe}")
         _require(self.query_batch >= 1, f"query_batch: must be >= 1, got {self.query_batch}")

@@ -69,22 +69,59 @@ def pair_similarities(a: np.ndarray, b: np.ndarray, vectors: np.ndarray, views: 
     return np.maximum(a_in_b, b_in_a)
 
 
+def crowding(rows: np.ndarray, values: np.ndarray, n: int, rank: int, ignore_above: float) -> np.ndarray:
+    """Per query, the similarity of its ``rank``-th nearest other item, not counting items above
+    ``ignore_above`` (near-certain copies, so an image with many copies is not deemed crowded by them);
+    -1 where there are fewer such neighbours. ``rows``/``values``: all (query, item) pairs of a k-NN
+    search, best view per item."""
+    crowd = np.full(n, -1.0, dtype=np.float32)
+    below = values < ignore_above
+    rows, values = rows[below], values[below]
+    order = np.lexsort((-values, rows))
+    rows, values = rows[order], values[order]
+    starts = np.searchsorted(rows, rows, side="left")
+    at_rank = np.arange(len(rows)) - starts == rank - 1
+    crowd[rows[at_rank]] = values[at_rank]
+    return crowd
+
+
 def near_duplicate_edges(cfg: DedupConfig, vectors: np.ndarray,
                          views: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
-    """Edges (i, j, similarity) between embedded items with cosine similarity above ``cfg.threshold``,
-    and the faiss index that found them (:func:`curation.knn.describe_index`).
+    """Edges (i, j, similarity) between embedded items that count as near duplicates, and the faiss
+    index that found them (:func:`curation.knn.describe_index`).
 
+    An edge needs a cosine similarity above ``cfg.threshold``, raised where the pair sits in a crowded
+    part of the descriptor space: ``threshold + crowding_weight * max(0, crowd - crowding_start)`` with
+    ``crowd`` the larger :func:`crowding` of the two items (``crowding_rank: 0`` turns this off).
     With crop views, every item's full descriptor is matched against all items' views."""
+    n = len(vectors)
     if views is not None:
         n_views = views.shape[1]
         base = views.reshape(-1, views.shape[-1])
-        owner = np.repeat(np.arange(len(vectors)), n_views)
+        owner = np.repeat(np.arange(n), n_views)
         k = min(2048, cfg.k * n_views)
     else:
         base, owner, k = vectors, None, cfg.k
     index = knn.build_index(base, cfg.index, cfg.flat_max, cfg.ivf_nlist, cfg.ivf_nprobe, cfg.use_gpu)
-    left, right, sims = knn.similar_pairs(vectors, index, owner, k, cfg.threshold, cfg.query_batch)
-    return left, right, sims, knn.describe_index(index)
+    batch = max(1, min(cfg.query_batch, (1 << 23) // k))  # all-pairs arrays of a batch stay ~100 MB
+    crowd = np.full(n, -1.0, dtype=np.float32)
+    left, right, sims = [], [], []
+    for start in range(0, n, batch):
+        found, ids = knn.search(index, vectors[start:start + batch], k, batch)
+        floor = -np.inf if cfg.crowding_rank else cfg.threshold
+        rows, items, values = knn.neighbour_pairs(found, ids, owner, floor, first_query=start)
+        if cfg.crowding_rank:
+            crowd[start:start + batch] = crowding(rows - start, values, len(found), cfg.crowding_rank,
+                                                  cfg.crowding_ignore_above)
+        above = values > cfg.threshold
+        left.append(rows[above])
+        right.append(items[above])
+        sims.append(values[above])
+    left, right, sims = np.concatenate(left), np.concatenate(right), np.concatenate(sims)
+    required = cfg.threshold + cfg.crowding_weight * np.maximum(
+        0.0, np.maximum(crowd[left], crowd[right]) - cfg.crowding_start)
+    keep = sims > required if cfg.crowding_rank else np.ones(len(sims), dtype=bool)
+    return left[keep], right[keep], sims[keep], knn.describe_index(index)
 
 
 def keep_first_groups(order: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:

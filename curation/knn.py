@@ -86,11 +86,19 @@ def similar_pairs(queries: np.ndarray, index, owner: np.ndarray | None, k: int, 
     ``owner`` maps index rows to base items when an item has several vectors (crop views); the best
     view counts. With ``exclude_self`` the query ``i`` never pairs with base item ``i``."""
     sims, ids = search(index, queries, k, batch)
+    return neighbour_pairs(sims, ids, owner, threshold, exclude_self)
+
+
+def neighbour_pairs(sims: np.ndarray, ids: np.ndarray, owner: np.ndarray | None, threshold: float,
+                    exclude_self: bool = True, first_query: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`similar_pairs` on the result of :func:`search`; row ``r`` of ``sims``/``ids`` is query
+    ``first_query + r``. Pairs come sorted by query, then base item."""
     rows, cols = np.nonzero((sims > threshold) & (ids >= 0))
     base = ids[rows, cols]
     if owner is not None:
         base = owner[base]
     values = sims[rows, cols]
+    rows = rows + first_query
     keep = rows != base if exclude_self else np.ones(len(rows), dtype=bool)
     rows, base, values = rows[keep], base[keep], values[keep]
     if len(rows) == 0:
