@@ -1,6 +1,6 @@
 """Evaluation data is never trained on: training-source images that are copies of eval test images are
 dropped by dedup (the pipeline embeds the test set with the pool's embedding config), listed in the
-decontamination list next to the eval manifest, and a changed eval set changes dedup's input hash."""
+decontamination list next to the eval manifest, and a changed eval set changes dedup's identity."""
 
 from __future__ import annotations
 
@@ -48,50 +48,52 @@ def test_copies_of_eval_images_never_reach_the_curated_manifest(tmp_path, image_
                            *[f"{s}.enabled=false" for s in AFTER_CURATE])
     results = dinov2_pipeline(config=cfg)
 
-    assert results["embed"]["metrics"]["eval_num_embedded"] == len(test_rows)
+    assert results["embed"].metrics["eval_num_embedded"] == len(test_rows)
     dedup = results["dedup"]
-    listed = dedup["outputs"]["decontamination_list"]
+    listed = dedup.outputs["decontamination_list"]
     assert listed == str(tmp_path / "eval" / f"test.decontamination-{cfg.name}.parquet")
     decontaminated = read_manifest_table(listed)
     assert set(planted) <= {row["uri"] for row in decontaminated}
-    eval_rows = read_manifest_table(results["embed"]["outputs"]["eval_manifest"])
+    eval_rows = read_manifest_table(results["embed"].outputs["eval_manifest"])
     matched = {row["uri"]: eval_rows[row["eval_row_id"]]["uri"] for row in decontaminated}
     assert all(matched[copy] == original for copy, original in planted.items())
-    assert dedup["metrics"]["removed_by_reason"]["eval_contamination"] == len(decontaminated)
+    assert dedup.metrics["removed_by_reason"]["eval_contamination"] == len(decontaminated)
     # the dedup stage dir keeps its own copy; the curated manifest and the default kNN train set are clean
-    assert read_manifest_table(dedup["outputs"]["decontamination"]) == decontaminated
-    for manifest in (dedup["outputs"]["manifest"], results["curate"]["outputs"]["manifest"]):
+    assert read_manifest_table(dedup.outputs["decontamination"]) == decontaminated
+    for manifest in (dedup.outputs["manifest"], results["curate"].outputs["manifest"]):
         assert not set(planted) & {row["uri"] for row in read_manifest_table(manifest)}
 
 
-def test_a_changed_eval_set_changes_the_dedup_input_hash(tmp_path, image_set):
-    """Same URI with different images (embed's eval listing), or another URI: dedup must not be skipped."""
+def test_a_changed_eval_set_changes_the_dedup_identity(tmp_path, image_set):
+    """Same URI with different images (embed's eval listing), or another URI: dedup must not be reused."""
+    import dataclasses
+
     from dinov2_core.data.manifest import read_manifest_table
-    from tasks import stage_configs
+    from tasks import wiring
 
     rows = read_manifest_table(image_set["test_manifest"])
     eval_manifest = _eval_manifest(tmp_path / "eval" / "test.parquet", rows)
     cfg = load_tiny_config(tmp_path / "run", image_set, f"eval.val_manifest={eval_manifest}")
 
-    def dedup_hash(cfg) -> str:
-        embed = stage_configs.build(cfg, "embed", {})
-        upstream = {"ingest": {"outputs": {"manifest": "m.parquet"}, "input_hash": "i"},
-                    "embed": {**stage_configs.predicted_output(cfg, "embed"), "input_hash": embed.input_hash()}}
-        return stage_configs.build(cfg, "dedup", upstream).input_hash()
+    def dedup_identity(cfg) -> str:
+        """dedup's identity given an ingest result and the embed result the current eval set produces."""
+        upstream = {"ingest": wiring.placeholder_result(cfg, "ingest")}
+        embed = wiring.build(cfg, "embed", upstream)
+        upstream["embed"] = dataclasses.replace(wiring.placeholder_result(cfg, "embed"), identity=embed.identity)
+        return wiring.build(cfg, "dedup", upstream).identity
 
-    before = dedup_hash(cfg)
-    assert dedup_hash(cfg) == before
+    before = dedup_identity(cfg)
+    assert dedup_identity(cfg) == before
     _eval_manifest(tmp_path / "eval" / "test.parquet", rows[:-1])  # one image fewer, same URI
-    rewritten = dedup_hash(cfg)
+    rewritten = dedup_identity(cfg)
     assert rewritten != before
     other = load_tiny_config(tmp_path / "run", image_set, f"eval.val_manifest={image_set['test_manifest']}")
-    assert dedup_hash(other) not in (before, rewritten)
+    assert dedup_identity(other) not in (before, rewritten)
 
 
-def test_a_missing_eval_set_is_named_before_embedding(tmp_path, image_set):
+def test_a_missing_eval_set_is_named_before_anything_runs(tmp_path, image_set):
     from dinov2_core.utils.config import ConfigError
-    from tasks import stage_configs
 
-    cfg = load_tiny_config(tmp_path / "run", image_set, "eval.val_manifest=/nonexistent/test.parquet")
-    with pytest.raises(ConfigError, match="eval.val_manifest"):
-        stage_configs.build(cfg, "embed", {})
+    with pytest.raises(ConfigError, match="eval.val_manifest: '/nonexistent/test.parquet' does not exist"):
+        load_tiny_config(tmp_path / "run", image_set, "eval.val_manifest=/nonexistent/test.parquet")
+    assert not (tmp_path / "run").exists()
