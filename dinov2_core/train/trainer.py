@@ -64,12 +64,14 @@ def write_resolved_config(cfg: TrainConfig, output_dir: Path) -> None:
     atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def parallelize(meta: SSLMetaArch, cfg: TrainConfig, context: DistributedContext) -> torch.dtype:
-    """Shard every backbone and head (more than one rank) and materialise the meta-device model on the
-    device, uninitialised; returns the compute dtype."""
+def parallelize(meta: SSLMetaArch, cfg: TrainConfig, context: DistributedContext,
+                shard: bool | None = None) -> torch.dtype:
+    """Shard every backbone and head and materialise the meta-device model on the device, uninitialised;
+    returns the compute dtype. ``shard=None``: FSDP2 only with more than one rank (``True`` measures its
+    cost at one rank, bench/bench_fsdp_overhead.py)."""
     device = context.device
     dtype = compute_dtype(device, cfg.parallel.mixed_precision)
-    sharded = shards_parameters(context.world_size)
+    sharded = shards_parameters(context.world_size) if shard is None else shard
     networks = meta.networks()
     for child in meta.children():
         if not any(child is network for network in networks):
@@ -89,12 +91,12 @@ def parallelize(meta: SSLMetaArch, cfg: TrainConfig, context: DistributedContext
     return dtype
 
 
-def build_model(cfg: TrainConfig, context: DistributedContext,
-                initialise: bool = True) -> tuple[SSLMetaArch, torch.dtype]:
+def build_model(cfg: TrainConfig, context: DistributedContext, initialise: bool = True,
+                shard: bool | None = None) -> tuple[SSLMetaArch, torch.dtype]:
     """Collective: the phase's model, sharded and on the device, and its compute dtype.
     ``initialise=False`` leaves the weights uninitialised, for a caller that loads a full checkpoint next."""
     meta = build_phase_model(cfg, context)
-    dtype = parallelize(meta, cfg, context)
+    dtype = parallelize(meta, cfg, context, shard)
     if initialise:
         seed_everything(cfg.train.seed)  # same on every rank: each draws every parameter full-size, keeps its shard
         initialise_phase_model(meta, cfg)
@@ -138,7 +140,7 @@ def _usable(batch: dict[str, Any], min_rows: int, device: torch.device) -> bool:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, output_dir: str | os.PathLike, context: DistributedContext,
-                 metrics_callback: MetricsCallback | None = None) -> None:
+                 metrics_callback: MetricsCallback | None = None, shard: bool | None = None) -> None:
         self.cfg = cfg
         self.output_dir = Path(output_dir)
         self.ctx = context
@@ -146,7 +148,7 @@ class Trainer:
         if context.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             write_resolved_config(cfg, self.output_dir)
-        self.meta, self.dtype = build_model(cfg, context)
+        self.meta, self.dtype = build_model(cfg, context, shard=shard)
         seed_everything(cfg.train.seed + context.rank)  # drop path and the like differ per rank
         student = self.meta.student
         backbone = student["backbone"]
