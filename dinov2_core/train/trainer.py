@@ -61,7 +61,9 @@ def seed_everything(seed: int) -> None:
 def write_resolved_config(cfg: TrainConfig, output_dir: Path) -> None:
     import yaml
 
-    atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    from dinov2_core.utils.redact import redact
+
+    atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False))
 
 
 def parallelize(meta: SSLMetaArch, cfg: TrainConfig, context: DistributedContext,
