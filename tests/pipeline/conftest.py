@@ -51,3 +51,16 @@ def load_tiny_config(work_dir, image_set, *extra: str, epochs: int = 1):
     from tasks.wiring import load_pipeline_config
 
     return load_pipeline_config(DEMO_CONFIG, tiny_overrides(work_dir, image_set, *extra, epochs=epochs))
+
+
+def result_dir(cfg, result) -> str:
+    """The identity directory of a stage result (its ``_SUCCESS.json``, ``_state.json``, job logs and, for
+    training stages, checkpoints and ``metrics.jsonl``): ``<work_dir>/<stage>/<identity[:16]>``."""
+    from tasks.record import IDENTITY_DIR_CHARS
+
+    return os.path.join(cfg.stage_root(result.stage), result.identity[:IDENTITY_DIR_CHARS])
+
+
+def read_json(*path: str | os.PathLike) -> dict:
+    with open(os.path.join(*path), encoding="utf-8") as handle:
+        return json.load(handle)
