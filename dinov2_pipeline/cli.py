@@ -52,12 +52,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from dinov2_core.utils.config import ConfigError
+    from tasks.workdir_lock import WorkDirLocked
 
     try:
         return int(args.func(args) or 0)
     except ConfigError as err:
         print(f"dinov2-pipeline: invalid configuration: {err}", file=sys.stderr)
         return 2
+    except WorkDirLocked as err:
+        print(f"dinov2-pipeline: {err}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -229,14 +229,18 @@ def resolve_path(path: str, base_dir: str | None) -> str:
 def parse_pipeline_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
     """Read a pipeline YAML (``defaults:`` inheritance allowed) and apply overrides; checks the schema
     only (``tasks.wiring.load_pipeline_config`` also builds and checks every stage)."""
-    data = load_yaml(path) if path else {}
+    data, origins = load_yaml(path, with_origins=True) if path else ({}, {})
     data = apply_overrides(data, list(overrides))
     cfg = from_dict(PipelineConfig, data)
     base_dir = os.path.dirname(os.path.abspath(path)) if path else None
     for stage in TRAIN_STAGES:
         section: TrainStageConfig = getattr(cfg, stage)
         if section.config:
-            section.config = resolve_path(section.config, base_dir)
+            # a recipe path is relative to the file that wrote it (a ``defaults:`` parent, or this file);
+            # an override on the command line is relative to the working directory or this file
+            overridden = any(o.split("=", 1)[0].strip() == f"{stage}.config" for o in overrides)
+            origin = None if overridden else origins.get(f"{stage}.config")
+            section.config = resolve_path(section.config, origin or base_dir)
     cfg.work_dir = os.path.abspath(os.path.expanduser(cfg.work_dir)) if cfg.work_dir else cfg.work_dir
     if "://" not in cfg.source and cfg.source:
         cfg.source = os.path.abspath(os.path.expanduser(cfg.source))

@@ -17,4 +17,8 @@ def execute(config: dict[str, Any], inputs: dict[str, Any], output_uri: str, sta
     from dinov2_core.utils.config import from_dict
 
     summary = run_ingest(from_dict(IngestConfig, config), inputs["source"], output_uri)
-    return split_summary(summary, output_uri)
+    result = split_summary(summary, output_uri)
+    # reads lost to storage outages (within ingest.options.max_loss_fraction): the pipeline goes on with
+    # what was read, but this result is never reused: the next run reads the source again
+    result["complete"] = summary.get("complete", True)
+    return result

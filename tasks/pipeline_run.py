@@ -127,7 +127,7 @@ def finish_run(ctx: RunContext, status: str) -> None:
         tracker = ctx.tracker()
         if tracker is not None and ctx.parent_run_id:
             tracker.set_tags(ctx.parent_run_id, {
-                outcome: ",".join(s for s, o in outcomes.items() if o.get("outcome") == outcome)
+                outcome: ",".join(s for s in STAGES if (outcomes.get(s) or {}).get("outcome") == outcome)
                 for outcome in ("recomputed", "reused", "failed")
             })
             tracker.end(ctx.parent_run_id, "FINISHED" if status == "completed" else "FAILED")

@@ -224,6 +224,8 @@ def finished(spec: StageSpec) -> tuple[StageResult | None, str]:
     if record.get("identity") != spec.identity:
         return None, "the record in its directory belongs to other inputs"
     result = StageResult.from_dict(record["result"])
+    if result.extra.get("complete") is False:
+        return None, "the last result lost reads to storage outages"
     for key, recorded in result.output_digests.items():
         current = content_digest(result.outputs[key])
         if current is None:

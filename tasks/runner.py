@@ -142,6 +142,9 @@ def run_stage(spec: StageSpec, ctx: RunContext) -> StageResult:
         for path in result.artifacts:
             tracker.log_artifact(run_id, path, _artifact_folder(path, result.outputs.get("dir")))
         tracker.end(run_id, "FINISHED")
+    if result.extra.get("complete") is False:
+        PROGRESS.warning("%-8s finished with transient read losses (%s): its result will not be reused",
+                         spec.stage, {k: v for k, v in result.metrics.items() if "transient" in k})
     if not definition.always_run:
         write_record(spec, result)
     else:

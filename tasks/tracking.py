@@ -66,6 +66,8 @@ class Tracker:
         self.experiment = experiment
         self.client = MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(experiment)
+        if found is not None and EXPERIMENT_KIND_TAG not in (found.tags or {}):
+            self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         self.experiment_id = (
             found.experiment_id
             if found

@@ -62,23 +62,74 @@ def resolve_config(
 
 
 def validate_pipeline(cfg: PipelineConfig) -> None:
-    """Build every enabled stage against placeholder upstream results and check the paths they read."""
+    """Build every enabled stage against placeholder upstream results, check that the models handed
+    from stage to stage fit each other, that the paths they read exist and that tracking is reachable."""
     cfg.validate()
-    for stage in enabled_stages(cfg):
-        build(cfg, stage, placeholders=True)
-    check_paths(cfg)
+    specs = {stage: build(cfg, stage, placeholders=True) for stage in enabled_stages(cfg)}
+    check_model_handoffs(specs)
+    check_paths(cfg, specs)
+    check_tracking(cfg)
+
+
+def check_model_handoffs(specs: dict[str, StageSpec]) -> None:
+    """``highres`` continues ``pretrain``'s model: the same architecture and patch size (a distillation
+    student may differ from its teacher, but the teacher's patch size must be the student's)."""
+    def model(stage: str) -> tuple[str, int]:
+        student = specs[stage].config["student"]
+        return student["arch"], int(student["patch_size"])
+
+    if "pretrain" in specs and "highres" in specs and specs["highres"].config.get("init_from") == \
+            specs["highres"].inputs.get("init_from") and model("pretrain") != model("highres"):
+        raise ConfigError(f"highres.config: student {model('highres')} (arch, patch_size) must continue pretrain's "
+                          f"student {model('pretrain')}; allowed: the same arch and patch_size")
+    teacher = "highres" if "highres" in specs else "pretrain" if "pretrain" in specs else None
+    if "distill" in specs and teacher and model(teacher)[1] != model("distill")[1]:
+        raise ConfigError(f"distill.config: student.patch_size {model('distill')[1]} differs from the teacher's "
+                          f"({teacher}: {model(teacher)[1]}); allowed: {model(teacher)[1]}")
+
+
+def check_tracking(cfg: PipelineConfig, timeout_s: float = 5.0) -> None:
+    """One short probe of an MLflow server, so an unreachable one fails now and not after minutes of retries."""
+    uri = cfg.mlflow_uri
+    if not cfg.tracking.enabled or not uri.startswith(("http://", "https://")):
+        return
+    import base64
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from dinov2_core.utils.redact import redact_text
+
+    parts = urllib.parse.urlsplit(uri)
+    request = urllib.request.Request(urllib.parse.urlunsplit(
+        (parts.scheme, parts.hostname + (f":{parts.port}" if parts.port else ""), parts.path.rstrip("/") + "/health", "", "")))
+    if parts.username:  # user:password@ in the URI: MLflow's basic auth
+        token = base64.b64encode(f"{parts.username}:{parts.password or ''}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        urllib.request.urlopen(request, timeout=timeout_s).close()
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        raise ConfigError(f"tracking.uri: {redact_text(uri)} is not reachable ({err}); start the server "
+                          "(infra/mlflow/up.sh) or leave tracking.uri unset for the local SQLite store") from err
 
 
 def enabled_stages(cfg: PipelineConfig) -> list[str]:
     return [stage for stage in STAGES if cfg.enabled(stage)]
 
 
-def check_paths(cfg: PipelineConfig) -> None:
-    """Every input named by the config exists now (not after an hour of training)."""
+def check_paths(cfg: PipelineConfig, specs: dict[str, StageSpec]) -> None:
+    """Every input from outside the pipeline exists now (not after an hour of training): the source, the
+    eval sets, and checkpoints a recipe names itself (``init_from``, ``distill.teacher_path``)."""
     named = {"source": cfg.source}
     if cfg.enabled("eval") or decontamination_set(cfg):
         named["eval.val_manifest"] = cfg.eval.val_manifest or ""
         named["eval.train_manifest"] = cfg.eval.train_manifest or ""
+    for stage, spec in specs.items():
+        if spec.definition.kind == "train":
+            for name in spec.external:
+                value = spec.inputs.get(name)
+                if name != "dataset" and isinstance(value, str) and os.sep + PENDING + os.sep not in value:
+                    named[f"{stage} ({'distill.teacher_path' if name == 'teacher' else name})"] = value
     for key, uri in named.items():
         if uri and not _exists(uri):
             raise ConfigError(f"{key}: {uri!r} does not exist (or is not readable with the current credentials)")

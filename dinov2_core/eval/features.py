@@ -27,6 +27,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from dinov2_core.data.image_io import ImageDecodeError, decode_image
+from dinov2_core.utils.errors import is_transient_error
 from dinov2_core.utils.uri import is_remote, read_bytes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -61,7 +62,9 @@ class ImageListDataset(torch.utils.data.Dataset):
         uri = self.uris[index]
         try:
             data = read_bytes(uri)
-        except Exception:  # missing / unreadable file: skipped and counted like a corrupt one
+        except Exception as err:  # a missing or unreadable file is skipped and counted like a corrupt one...
+            if is_transient_error(err):  # ...but a storage outage is not a property of the image: fail, retry later
+                raise
             return None, index, "unreadable", None
         try:
             image = decode_image(data, uri)

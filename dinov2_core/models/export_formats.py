@@ -199,7 +199,7 @@ def official_kwargs(layout: BackboneLayout, img_size: int) -> dict[str, Any]:
 def hub_load_call(layout: BackboneLayout, weights: str, img_size: int) -> str:
     """The official call that builds the model for ``weights`` and loads it (strict, the default)."""
     builder = hub_builder(layout)
-    load = f"model.load_state_dict(torch.load({weights!r}, map_location='cpu'))"
+    load = f"model.load_state_dict(torch.load({weights!r}, map_location='cpu', weights_only=True))"
     if builder:
         size = "" if img_size == HUB_IMG_SIZE else f", img_size={img_size}"
         return f"model = torch.hub.load('facebookresearch/dinov2', {builder!r}, pretrained=False{size}); {load}"

@@ -27,7 +27,6 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
@@ -38,6 +37,8 @@ from dinov2_core.models.checkpoint_io import (
     CheckpointMismatchError,
     chunk_state_dict,
     extract_backbone_state_dict,
+    read_dcp_metadata,
+    safe_dcp_load,
 )
 from dinov2_core.models.layers.pos_embed import interpolate_pos_embed
 from dinov2_core.train.checkpointing import CheckpointManager
@@ -137,7 +138,7 @@ def _init_from_dcp(meta: SSLMetaArch, checkpoint: Path) -> None:
     source_cfg = load_train_config(str(checkpoint.parent.parent / "config.yaml"))
     if source_cfg.phase == "distill":
         raise ConfigError(f"init_from: {checkpoint} is a distillation checkpoint; use its export/ directory instead")
-    saved = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    saved = read_dcp_metadata(checkpoint).state_dict_metadata
     state = get_model_state_dict(meta)
     model_keys = {key[len("model."):] for key in saved if key.startswith("model.")}
     missing, unexpected = sorted(set(state) - model_keys), sorted(model_keys - set(state))
@@ -150,7 +151,7 @@ def _init_from_dcp(meta: SSLMetaArch, checkpoint: Path) -> None:
         stored = saved[f"model.{key}"]
         state[key] = torch.empty(stored.size, dtype=stored.properties.dtype)
     loaded = {"model": state}
-    dcp.load(loaded, checkpoint_id=str(checkpoint))
+    safe_dcp_load(loaded, checkpoint)
     set_model_state_dict(meta, {k: v for k, v in loaded["model"].items() if k not in pos_keys},
                          options=StateDictOptions(strict=False))
     for side in ("student", "teacher"):

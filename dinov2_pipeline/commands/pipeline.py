@@ -319,7 +319,9 @@ def print_summary(cfg, results: dict[str, Any]) -> None:
             state = "new version" if model.get("new_version") else "unchanged weights, no new version"
             print(f"model registry: {model['registered_name']} version {model['registered_version']} ({state})")
     if cfg.tracking.enabled:
-        print(f"\nMLflow UI:  mlflow ui --backend-store-uri {cfg.mlflow_uri}   (then open http://127.0.0.1:5000)")
+        from dinov2_core.utils.redact import redact_text
+
+        print(f"\nMLflow UI:  mlflow ui --backend-store-uri {redact_text(cfg.mlflow_uri)}   (then open http://127.0.0.1:5000)")
     home = os.environ.get("PREFECT_HOME")
     if not os.environ.get("PREFECT_API_URL"):
         prefix = f"PREFECT_HOME={home} " if home else ""
