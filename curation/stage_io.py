@@ -66,6 +66,20 @@ def finished_result(output_uri: str, stage_fingerprint: str) -> dict[str, Any] |
     return stored.get("result")
 
 
+def forget_result(output_uri: str) -> None:
+    """Drop a stage's ``_RESULT.json`` so the next call recomputes it (per-shard markers are kept).
+
+    The pipeline calls this before running a curation stage: its own completion record
+    (``tasks.record``) already decided the stage must run, and a ``_RESULT.json`` left in the same place
+    must not answer that question a second time (e.g. with outputs deleted since)."""
+    from dinov2_core.utils.uri import filesystem_for
+
+    uri = join_uri(output_uri, RESULT_FILE)
+    if exists(uri):
+        fs, path = filesystem_for(uri)
+        fs.rm(path)
+
+
 def mark_finished(output_uri: str, stage_fingerprint: str, result: dict[str, Any]) -> dict[str, Any]:
     atomic_write_json(join_uri(output_uri, RESULT_FILE), {"fingerprint": stage_fingerprint, "result": result})
     return result

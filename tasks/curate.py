@@ -14,7 +14,9 @@ def execute(config: dict[str, Any], inputs: dict[str, Any], output_uri: str, sta
             run: dict[str, Any]) -> dict[str, Any]:
     from curation.config import CurateConfig
     from curation.curate import run_curate
+    from curation.stage_io import forget_result
     from dinov2_core.utils.config import from_dict
 
+    forget_result(output_uri)  # the completion record decided this stage runs: no second opinion
     summary = run_curate(from_dict(CurateConfig, config), inputs["manifest"], inputs["embeddings"], output_uri)
     return split_summary(summary, output_uri)

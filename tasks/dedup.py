@@ -16,8 +16,10 @@ def execute(config: dict[str, Any], inputs: dict[str, Any], output_uri: str, sta
             run: dict[str, Any]) -> dict[str, Any]:
     from curation.config import DedupConfig
     from curation.dedup import run_dedup
+    from curation.stage_io import forget_result
     from dinov2_core.utils.config import from_dict
 
+    forget_result(output_uri)  # the completion record decided this stage runs: no second opinion
     summary = run_dedup(from_dict(DedupConfig, config), inputs["manifest"], inputs["embeddings"], output_uri,
                         eval_embeddings_uri=inputs.get("eval_embeddings"))
     return split_summary(summary, output_uri)

@@ -12,18 +12,28 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from dinov2_core.utils.uri import join_uri
 from tasks.record import split_summary
+
+EVAL_IMAGES_DIR = "eval"  # under embed's output: the test set's manifest and, in ``embeddings/``, its shards
+
+
+def eval_embedding_uris(embed_output: str) -> tuple[str, str]:
+    """``(manifest, embeddings)`` URIs of the eval test set under the embed stage's output."""
+    base = join_uri(embed_output, EVAL_IMAGES_DIR)
+    return join_uri(base, "manifest.parquet"), join_uri(base, "embeddings")
 
 
 def execute(config: dict[str, Any], inputs: dict[str, Any], output_uri: str, stage_dir: str,
             run: dict[str, Any]) -> dict[str, Any]:
     from curation.config import EmbedConfig
     from curation.embed import run_embed
+    from curation.stage_io import forget_result
     from dinov2_core.utils.config import from_dict
-    from tasks.wiring import eval_embedding_uris
 
     cfg = from_dict(EmbedConfig, config)
     # every task of a multi-task job embeds its share of the shards; rank 0 holds the stage's result
+    forget_result(output_uri)  # the completion record decided this stage runs: no second opinion
     pool = run_embed(cfg, inputs["manifest"], output_uri)
     eval_summary = None
     if inputs.get("eval_images"):

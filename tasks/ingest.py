@@ -14,8 +14,10 @@ def execute(config: dict[str, Any], inputs: dict[str, Any], output_uri: str, sta
             run: dict[str, Any]) -> dict[str, Any]:
     from curation.config import IngestConfig
     from curation.ingest import run_ingest
+    from curation.stage_io import forget_result
     from dinov2_core.utils.config import from_dict
 
+    forget_result(output_uri)  # the completion record decided this stage runs: no second opinion
     summary = run_ingest(from_dict(IngestConfig, config), inputs["source"], output_uri)
     result = split_summary(summary, output_uri)
     # reads lost to storage outages (within ingest.options.max_loss_fraction): the pipeline goes on with

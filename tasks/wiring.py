@@ -23,6 +23,7 @@ from typing import Any
 from dinov2_core.utils.config import ConfigError, apply_overrides, from_dict, to_dict
 from dinov2_core.utils.uri import join_uri
 from tasks.config import PipelineConfig, parse_pipeline_config
+from tasks.embed import eval_embedding_uris
 from tasks.record import StageResult, StageSpec, current_record
 from tasks.stage_table import CURATION_STAGES, STAGE_DEFS, STAGES, TRAIN_STAGES
 
@@ -34,7 +35,6 @@ CURATION_CONFIG_CLASSES = {
 }
 MANIFEST_NAME = "manifest.parquet"
 DECONTAM_NAME = "decontamination.parquet"
-EVAL_IMAGES_DIR = "eval"  # under embed's output: the test set's manifest and, in ``embeddings/``, its shards
 MANIFEST_STAGES = ("ingest", "dedup", "curate")
 PENDING = "pending"
 
@@ -131,17 +131,23 @@ def check_paths(cfg: PipelineConfig, specs: dict[str, StageSpec]) -> None:
                 if name != "dataset" and isinstance(value, str) and os.sep + PENDING + os.sep not in value:
                     named[f"{stage} ({'distill.teacher_path' if name == 'teacher' else name})"] = value
     for key, uri in named.items():
-        if uri and not _exists(uri):
-            raise ConfigError(f"{key}: {uri!r} does not exist (or is not readable with the current credentials)")
+        if uri:
+            require_path(key, uri)
 
 
-def _exists(uri: str) -> bool:
+def require_path(key: str, uri: str) -> None:
+    """``uri`` exists; else a ``ConfigError`` naming ``key`` (also when storage cannot be reached or refuses
+    the credentials: the stage could not read it either)."""
+    from dinov2_core.utils.redact import redact_text
     from dinov2_core.utils.uri import exists
 
     try:
-        return bool(exists(uri))
-    except (OSError, ValueError):
-        return False
+        found = bool(exists(uri))
+    except Exception as err:  # botocore's NoCredentialsError, EndpointConnectionError, PermissionError, ...
+        raise ConfigError(f"{key}: {redact_text(uri)!r} cannot be checked: {type(err).__name__}: "
+                          f"{redact_text(str(err))[:300]}") from err
+    if not found:
+        raise ConfigError(f"{key}: {redact_text(uri)!r} does not exist (or is not readable with the current credentials)")
 
 
 def curation_config(cfg: PipelineConfig, stage: str):
@@ -185,12 +191,6 @@ def decontamination_set(cfg: PipelineConfig) -> str | None:
     if not (cfg.enabled("embed") and cfg.enabled("dedup")):
         return None
     return cfg.eval.val_manifest or None
-
-
-def eval_embedding_uris(embed_output: str) -> tuple[str, str]:
-    """``(manifest, embeddings)`` URIs of the eval test set under the embed stage's output."""
-    base = join_uri(embed_output, EVAL_IMAGES_DIR)
-    return join_uri(base, MANIFEST_NAME), join_uri(base, "embeddings")
 
 
 def decontamination_list_uri(cfg: PipelineConfig, test_set: str) -> str:
@@ -326,7 +326,7 @@ def _train_spec(cfg: PipelineConfig, stage: str, upstream: _Upstream, placeholde
         if teacher is not None:
             inputs["teacher"] = teacher.output("export_dir")
     if section.init == "previous":
-        inputs["init_from"] = previous_export(cfg, stage, placeholders)
+        inputs["init_from"] = previous_export(cfg, stage)
         external.append("init_from")
     if "init_from" in inputs:
         wiring.append(f"init_from={inputs['init_from']}")
@@ -349,12 +349,10 @@ def _train_spec(cfg: PipelineConfig, stage: str, upstream: _Upstream, placeholde
                      external=tuple(external), **common)
 
 
-def previous_export(cfg: PipelineConfig, stage: str, placeholders: bool) -> str:
+def previous_export(cfg: PipelineConfig, stage: str) -> str:
     """The export of ``stage``'s last finished result in this run directory (``<stage>.init: previous``)."""
     record = current_record(cfg.stage_root(stage))
     if record is None:
-        if placeholders:
-            return os.path.join(cfg.stage_root(stage), PENDING, "export")
         raise ConfigError(f"{stage}.init: 'previous' needs a finished {stage} result in {cfg.work_dir}; "
                           "allowed: 'scratch' for the first run")
     return StageResult.from_dict(record["result"]).output("export_dir")

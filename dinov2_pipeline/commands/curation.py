@@ -53,10 +53,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     curate.set_defaults(func=_run, stage="curate")
 
 
+def _require(key: str, uri: str | None) -> None:
+    """An input path that must exist before the stage starts (a clear error, not a traceback from inside it)."""
+    from dinov2_core.utils.config import ConfigError
+    from dinov2_core.utils.uri import exists
+
+    if uri and not exists(uri):
+        raise ConfigError(f"{key}: {uri!r} does not exist (or is not readable with the current credentials)")
+
+
 def _run(args: argparse.Namespace) -> int:
     from dinov2_core.utils.config import load_config
 
     from curation import config as cfgs
+
+    for key in ("source", "manifest", "embeddings", "eval_embeddings", "seed_embeddings"):
+        _require(key, getattr(args, key, None))
 
     if args.stage == "ingest":
         from curation.ingest import run_ingest

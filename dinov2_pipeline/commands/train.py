@@ -88,9 +88,10 @@ def _run(args: argparse.Namespace) -> int:
     from dinov2_core.train import export_from_checkpoint, load_train_config, run_training
 
     cfg = load_train_config(rest.config, rest.overrides)
-    if dry_run:
+    if dry_run:  # a plan for a cluster may be made where its data cannot be reached
         print(_dry_run_report(cfg, rest, args))
         return 0
+    _require_inputs(cfg)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if rest.export_only or args.export_only:
         print(json.dumps({"export_dir": str(export_from_checkpoint(cfg, output_dir))}))
@@ -108,6 +109,18 @@ def _option(rest: argparse.Namespace, args: argparse.Namespace, name: str, defau
         if value is not None:
             return value
     return default
+
+
+def _require_inputs(cfg) -> None:
+    """The dataset and checkpoints the recipe reads exist now, not at the first batch of every rank."""
+    from dinov2_core.utils.config import ConfigError
+    from dinov2_core.utils.uri import exists
+
+    named = {"train.dataset": cfg.train.dataset, "init_from": cfg.init_from,
+             "distill.teacher_path": cfg.distill.teacher_path if cfg.phase == "distill" else None}
+    for key, uri in named.items():
+        if uri and not exists(uri):
+            raise ConfigError(f"{key}: {uri!r} does not exist (or is not readable with the current credentials)")
 
 
 def _dry_run_report(cfg, rest: argparse.Namespace, args: argparse.Namespace) -> str:

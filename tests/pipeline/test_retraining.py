@@ -215,10 +215,11 @@ def test_warm_start_from_the_previous_result_is_explicit(tmp_path, image_set):
         first["pretrain"].outputs["export_dir"]
 
 
-def _sacct_jobs(since: float) -> set[str]:
-    out = subprocess.run(["sacct", "-X", "-n", "-P", "-S", time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(since)),
-                          "--format=JobID"], capture_output=True, text=True, check=True).stdout
-    return {line.strip() for line in out.splitlines() if line.strip()}
+def _newest_slurm_job() -> int:
+    """The highest job id the cluster has seen (jobs submitted later have higher ids)."""
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-a", "-S", "2000-01-01", "--format=JobIDRaw"],
+                         capture_output=True, text=True, check=True).stdout
+    return max([int(line.split("_")[0]) for line in out.split() if line.split("_")[0].isdigit()] or [0])
 
 
 @pytest.mark.slow
@@ -239,10 +240,10 @@ def test_slurm_rerun_reuses_or_retrains_and_cancels_outdated_jobs(tmp_path, imag
         "launcher.poll_interval_s=1",
     )
     first = dinov2_pipeline(config=cfg)
-    started = time.time()
+    newest = _newest_slurm_job()
     again = dinov2_pipeline(config=cfg)
     assert set(_outcomes(again).values()) == {"reused"}
-    assert not _sacct_jobs(started), "a rerun on unchanged inputs submitted Slurm jobs"
+    assert _newest_slurm_job() == newest, "a rerun on unchanged inputs submitted Slurm jobs"
 
     # a job left running for an identity that is about to become outdated
     stale_dir = os.path.join(cfg.stage_root("pretrain"), "0" * 16)
