@@ -26,7 +26,9 @@ import importlib
 import logging
 import os
 import re
+import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -340,6 +342,41 @@ def slurm_handle(record: dict[str, Any]) -> SubmititHandle | None:
 
     tasks = range(int(record.get("num_tasks") or 1))
     return SubmititHandle(submitit.SlurmJob(record["folder"], record["job_id"], tasks=tuple(tasks)), "slurm")
+
+
+_SLURM_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+
+
+def parse_slurm_time_min(text: str) -> int | None:
+    """Minutes of a Slurm time limit (``30``, ``2:00:00``, ``1-12``, ``1-00:00:00``); ``None`` if unlimited."""
+    text = text.strip()
+    if text.upper() in ("UNLIMITED", "INFINITE", ""):
+        return None
+    match = _SLURM_TIME.match(text)
+    if match is None:
+        raise ValueError(f"not a Slurm time limit: {text!r}")
+    days, first, second, third = match.groups()
+    if days is not None:  # days-hours[:minutes[:seconds]]
+        minutes = int(days) * 1440 + int(first) * 60 + int(second or 0) + (1 if third and int(third) else 0)
+    elif third is not None:  # hours:minutes:seconds
+        minutes = int(first) * 60 + int(second) + (1 if int(third) else 0)
+    else:  # minutes[:seconds]
+        minutes = int(first) + (1 if second and int(second) else 0)
+    return minutes
+
+
+def slurm_partition_max_time_min(partition: str | None) -> int | None:
+    """The partition's MaxTime in minutes from ``sinfo`` (``None``: no sinfo, no partition, or unlimited)."""
+    if shutil.which("sinfo") is None:
+        return None
+    command = ["sinfo", "-h", "-o", "%l"] + (["-p", partition] if partition else [])
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=20, check=True).stdout
+    except (subprocess.SubprocessError, OSError):
+        return None
+    limits = [parse_slurm_time_min(line) for line in out.split() if line.strip()]
+    known = [limit for limit in limits if limit is not None]
+    return min(known) if known and len(known) == len(limits) else None
 
 
 def make_launcher(config: LauncherConfig) -> Launcher:

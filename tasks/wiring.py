@@ -39,10 +39,12 @@ MANIFEST_STAGES = ("ingest", "dedup", "curate")
 PENDING = "pending"
 
 
-def load_pipeline_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
-    """Read a pipeline YAML, apply overrides and validate every stage (see :func:`validate_pipeline`)."""
+def load_pipeline_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (),
+                         check_inputs: bool = True) -> PipelineConfig:
+    """Read a pipeline YAML, apply overrides and validate every stage (see :func:`validate_pipeline`);
+    ``check_inputs=False`` leaves out what needs the data and the tracking server (a plan made elsewhere)."""
     cfg = parse_pipeline_config(path, overrides)
-    validate_pipeline(cfg)
+    validate_pipeline(cfg, check_inputs)
     return cfg
 
 
@@ -61,12 +63,19 @@ def resolve_config(
     return cfg
 
 
-def validate_pipeline(cfg: PipelineConfig) -> None:
+def validate_pipeline(cfg: PipelineConfig, check_inputs: bool = True) -> None:
     """Build every enabled stage against placeholder upstream results, check that the models handed
     from stage to stage fit each other, that the paths they read exist and that tracking is reachable."""
     cfg.validate()
     specs = {stage: build(cfg, stage, placeholders=True) for stage in enabled_stages(cfg)}
     check_model_handoffs(specs)
+    if check_inputs:
+        check_inputs_reachable(cfg, specs)
+
+
+def check_inputs_reachable(cfg: PipelineConfig, specs: dict[str, StageSpec] | None = None) -> None:
+    """The inputs exist and the tracking server answers (needs the data's storage and the network)."""
+    specs = specs if specs is not None else {s: build(cfg, s, placeholders=True) for s in enabled_stages(cfg)}
     check_paths(cfg, specs)
     check_tracking(cfg)
 
@@ -410,22 +419,30 @@ def plan_stages(cfg: PipelineConfig) -> dict[str, str]:
     """``run --dry-run``: per enabled stage, how it would be launched and, for training stages, the plan
     (world size, global batch, lr, parameters, memory per GPU, checkpoints, time limit vs schedule)."""
     from dinov2_core.train.config import TrainConfig
+    from dinov2_core.train.meta_arch import backbone_kwargs
     from dinov2_core.train.plan import plan_training
+    from tasks.launch import slurm_partition_max_time_min
 
-    plans = {}
+    plans: dict[str, str] = {}
+    train_cfgs: dict[str, TrainConfig] = {}
     for stage in enabled_stages(cfg):
         definition = STAGE_DEFS[stage]
         resources = cfg.launcher.resources_for(stage)
-        where = (f"{cfg.launcher.kind} job: {resources.nodes} node(s) x {resources.tasks_per_node} task(s), "
-                 f"{resources.gpus_per_node or 0} GPU(s)/node, time limit {resources.timeout_min} min"
-                 if definition.heavy else "in the flow process")
-        text = where
+        text = (f"{cfg.launcher.kind} job: {resources.nodes} node(s) x {resources.tasks_per_node} task(s), "
+                f"{resources.gpus_per_node or 0} GPU(s)/node, time limit {resources.timeout_min} min"
+                if definition.heavy else "in the flow process")
         if definition.kind == "train":
-            spec = build(cfg, stage, placeholders=True)
+            train_cfg = from_dict(TrainConfig, build(cfg, stage, placeholders=True).config)
+            train_cfgs[stage] = train_cfg
+            teacher = next((train_cfgs[s] for s in ("highres", "pretrain") if s in train_cfgs), None)
+            teacher_spec = ({"arch": teacher.student.arch, "kwargs": backbone_kwargs(teacher, drop_path=False)}
+                            if stage == "distill" and teacher is not None else None)
             plan = plan_training(
-                from_dict(TrainConfig, spec.config), nodes=resources.nodes or 1,
-                tasks_per_node=resources.tasks_per_node or 1, gpus_per_node=resources.gpus_per_node or 0,
-                timeout_min=resources.timeout_min, max_requeues=resources.max_num_timeout,
+                train_cfg, nodes=resources.nodes or 1, tasks_per_node=resources.tasks_per_node or 1,
+                gpus_per_node=resources.gpus_per_node or 0, timeout_min=resources.timeout_min,
+                max_requeues=resources.max_num_timeout, teacher_spec=teacher_spec,
+                partition_max_time_min=slurm_partition_max_time_min(resources.partition)
+                if cfg.launcher.kind == "slurm" else None,
             )
             text += "\n" + plan.render()
         plans[stage] = text

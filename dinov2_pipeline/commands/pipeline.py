@@ -116,7 +116,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     prepare_environment(verbose=args.verbose)
     from tasks.wiring import load_pipeline_config
 
-    cfg = load_pipeline_config(args.config, args.overrides)  # every stage validated before anything runs
+    # every stage validated before anything runs (a dry run may be planned where the data is out of reach)
+    cfg = load_pipeline_config(args.config, args.overrides, check_inputs=not args.dry_run)
     if args.dry_run:
         return print_plan(cfg)
     results = run_pipeline(cfg, args.config, args.overrides)
@@ -286,9 +287,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def print_plan(cfg) -> int:
     """``run --dry-run``: what each enabled stage would run as, and the training plan of each training stage."""
-    from tasks.wiring import enabled_stages, plan_stages
+    from dinov2_core.utils.config import ConfigError
+    from tasks.wiring import check_inputs_reachable, enabled_stages, plan_stages
 
     print(f"pipeline {cfg.name}: {' -> '.join(enabled_stages(cfg))} in {cfg.work_dir} ({cfg.launcher.kind} launcher)")
+    try:
+        check_inputs_reachable(cfg)
+    except ConfigError as err:
+        print(f"warning (a real run would stop here): {err}")
     for stage, text in plan_stages(cfg).items():
         print(f"\n=== {stage} ===\n{text}")
     return 0

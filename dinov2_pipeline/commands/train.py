@@ -12,48 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
-import shutil
-import subprocess
+
+from tasks.launch import slurm_partition_max_time_min
 
 USAGE = ("dinov2-pipeline train CONFIG --output-dir DIR [--export-only] [KEY=VALUE ...]\n"
          "       dinov2-pipeline train CONFIG --dry-run [--json] [--nodes N --tasks-per-node T --gpus-per-node G "
          "--timeout-min M --max-requeues R --seconds-per-iter S --partition P --gpu-memory-gb GB] [KEY=VALUE ...]")
-_SLURM_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
-
-
-def parse_slurm_time_min(text: str) -> int | None:
-    """Minutes of a Slurm time limit (``30``, ``2:00:00``, ``1-12``, ``1-00:00:00``); ``None`` if unlimited."""
-    text = text.strip()
-    if text.upper() in ("UNLIMITED", "INFINITE", ""):
-        return None
-    match = _SLURM_TIME.match(text)
-    if match is None:
-        raise ValueError(f"not a Slurm time limit: {text!r}")
-    days, first, second, third = match.groups()
-    if days is not None:  # days-hours[:minutes[:seconds]]
-        minutes = int(days) * 1440 + int(first) * 60 + int(second or 0) + (1 if third and int(third) else 0)
-    elif third is not None:  # hours:minutes:seconds
-        minutes = int(first) * 60 + int(second) + (1 if int(third) else 0)
-    else:  # minutes[:seconds]
-        minutes = int(first) + (1 if second and int(second) else 0)
-    return minutes
-
-
-def slurm_partition_max_time_min(partition: str | None) -> int | None:
-    """The partition's MaxTime in minutes from ``sinfo`` (``None``: no sinfo, no partition, or unlimited)."""
-    if shutil.which("sinfo") is None:
-        return None
-    command = ["sinfo", "-h", "-o", "%l"] + (["-p", partition] if partition else [])
-    try:
-        out = subprocess.run(command, capture_output=True, text=True, timeout=20, check=True).stdout
-    except (subprocess.SubprocessError, OSError):
-        return None
-    limits = [parse_slurm_time_min(line) for line in out.split() if line.strip()]
-    known = [limit for limit in limits if limit is not None]
-    return min(known) if known and len(known) == len(limits) else None
-
-
 def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default=None, help="run directory: checkpoints/, metrics.jsonl, export/")
     parser.add_argument("--dry-run", action="store_true", default=None,

@@ -116,7 +116,7 @@ def test_warnings_and_unknown_speed():
 
 
 def test_slurm_time_limits_parse():
-    from dinov2_pipeline.commands.train import parse_slurm_time_min
+    from tasks.launch import parse_slurm_time_min
 
     assert [parse_slurm_time_min(t) for t in ("30", "2:00:00", "1-12", "1-00:00:00", "45:30", "infinite")] == \
         [30, 120, 2160, 1440, 46, None]
@@ -125,7 +125,7 @@ def test_slurm_time_limits_parse():
 
 
 def test_partition_max_time_from_the_real_cluster(slurm_cluster):
-    from dinov2_pipeline.commands.train import parse_slurm_time_min, slurm_partition_max_time_min
+    from tasks.launch import parse_slurm_time_min, slurm_partition_max_time_min
 
     shown = subprocess.run(["scontrol", "show", "partition", slurm_cluster.partition, "-o"], capture_output=True,
                            text=True, check=True, timeout=20).stdout
