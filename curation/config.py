@@ -136,7 +136,7 @@ class DedupConfig:
     # crowding_ignore_above not counted). 0 turns it off. Measured in bench/bench_dedup.py.
     crowding_rank: int = 8
     crowding_weight: float = 0.5
-    crowding_start: float = 0.87
+    crowding_start: float = 0.85
     crowding_ignore_above: float = 0.97
     decontam_threshold: float = 0.9
     index: Literal["auto", "flat", "ivf"] = "auto"

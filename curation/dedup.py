@@ -296,8 +296,10 @@ def _report(cfg: DedupConfig, result: dict[str, Any], crop_views: bool) -> str:
     indexes = result["faiss_index"]
     lines += ["", "## Thresholds", "",
               f"- near duplicates: cosine similarity > {cfg.threshold} among k={cfg.k} nearest neighbours "
-              f"(crop views: {'yes' if crop_views else 'no'}), keep-first grouping (each removed image is "
-              f"directly above the threshold to its kept image), keep rule `{cfg.keep}`",
+              f"(crop views: {'yes' if crop_views else 'no'}), raised by {cfg.crowding_weight} x (similarity of "
+              f"the {cfg.crowding_rank}th-nearest image - {cfg.crowding_start}) in crowded regions "
+              f"(crowding_rank 0: off); keep-first grouping (each removed image is directly above the "
+              f"threshold to its kept image), keep rule `{cfg.keep}`",
               f"- eval decontamination: cosine similarity > {cfg.decontam_threshold} to an eval image",
               f"- faiss index: near duplicates {indexes.get('near', 'not searched')}; "
               f"decontamination {indexes.get('decontamination', 'not searched')} (use_gpu: {cfg.use_gpu})",

@@ -97,3 +97,42 @@ def test_knn_pairs_flat_and_ivf_agree():
         found[kind] = {tuple(sorted(p)) for p in zip(left.tolist(), right.tolist())}
     assert found["flat"] == {(i, 3000 + i) for i in range(50)}
     assert len(found["ivf"] & found["flat"]) >= 48
+
+
+def test_default_config_on_real_photos_with_planted_copies(tmp_path):
+    """~310 CIFAR-10 photos (every 160th of the shared archive, natural duplicates left in) plus 20 copies
+    per transformation: every copy found, no removal of a different photo (bench/bench_dedup.py's judge)."""
+    import random
+    import tarfile
+
+    from PIL import Image
+
+    from bench.bench_dedup import TARGET_TRANSFORMS, score, transforms
+    from bench.cifar_data import ARCHIVE
+
+    if not os.path.exists(ARCHIVE):
+        pytest.skip(f"CIFAR-10 archive not found at {ARCHIVE} (the shared data folder beside the checkout)")
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    with tarfile.open(ARCHIVE) as tar:
+        for i, member in enumerate(tar):
+            if member.isfile() and i % 160 == 0:
+                (pool / member.name.replace("/", "_")).write_bytes(tar.extractfile(member).read())
+    originals = sorted(str(p) for p in pool.iterdir())
+    rng = random.Random(0)
+    origin = {path: path for path in originals}
+    kind = {}
+    for name, transform in transforms(rng).items():
+        for index in rng.sample(range(len(originals)), 20):
+            target = str(pool / f"copy-{name}-{index:03d}.png")
+            transform(Image.open(originals[index]).convert("RGB")).save(target)
+            origin[target], kind[target] = originals[index], name
+    ingest = run_ingest(IngestConfig(cluster=TEST_CLUSTER), str(pool), str(tmp_path / "ingest"))
+    embed = run_embed(EmbedConfig(cluster=TEST_CLUSTER), ingest["manifest"], str(tmp_path / "emb"))
+    result = run_dedup(DedupConfig(), ingest["manifest"], embed["embeddings"], str(tmp_path / "dedup"))
+
+    scored = score(result, read_parquet(ingest["manifest"]).to_pylist(), origin, kind, natural_threshold=0.5)
+    assert [row["transformation"] for row in scored["rows"]] == list(TARGET_TRANSFORMS)
+    assert all(row["planted"] == 20 for row in scored["rows"])
+    assert scored["min_recall"] == 1.0, scored["rows"]
+    assert scored["removed"] >= 120 and scored["false_removals"] == 0, scored["false_examples"]

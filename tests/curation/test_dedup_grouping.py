@@ -4,6 +4,7 @@ it, so chains of matches (A~B~C with A !~ C) never remove C for A. Synthetic emb
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from curation.config import DedupConfig
 from curation.dedup import keep_first_groups, near_duplicate_edges, pair_similarities
@@ -58,3 +59,36 @@ def test_pair_similarities_with_views_take_the_best_view_either_way():
     views = np.stack([np.stack([vectors[0], -vectors[0]]), np.stack([-vectors[1], vectors[0]])])
     # item 0's full descriptor equals item 1's second view
     assert np.allclose(pair_similarities(np.array([0]), np.array([1]), vectors, views), [1.0])
+
+
+def test_crowded_look_alikes_need_a_higher_similarity_than_an_isolated_copy():
+    """20 different but look-alike vectors (pairwise 0.93-0.98, like featureless sea photos) and one
+    isolated pair at ~0.945: with the crowding adjustment only the isolated pair is a duplicate."""
+    rng = np.random.default_rng(0)
+    dim = 128
+    centre = rng.normal(size=dim)
+    crowd = centre / np.linalg.norm(centre) + 0.018 * rng.normal(size=(20, dim))
+    isolated = rng.normal(size=dim)
+    isolated /= np.linalg.norm(isolated)
+    copy = isolated + 0.03 * rng.normal(size=dim)
+    others = rng.normal(size=(300, dim))
+    vectors = np.concatenate([crowd, [isolated, copy], others]).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    crowd_sims = (vectors[:20] @ vectors[:20].T)[np.triu_indices(20, 1)]
+    assert 0.93 < crowd_sims.min() and crowd_sims.max() < 0.98
+    assert 0.93 < vectors[20] @ vectors[21] < 0.96
+
+    left, right, _, _ = near_duplicate_edges(DedupConfig(), vectors, None)
+    assert {tuple(sorted(p)) for p in zip(left.tolist(), right.tolist())} == {(20, 21)}
+    left, right, _, _ = near_duplicate_edges(DedupConfig(crowding_rank=0), vectors, None)
+    pairs = {tuple(sorted(p)) for p in zip(left.tolist(), right.tolist())}
+    assert (20, 21) in pairs and len(pairs) == 1 + 20 * 19 // 2  # without it the look-alikes all match
+
+
+def test_crowding_settings_are_validated_by_name():
+    from dinov2_core.utils.config import ConfigError
+
+    with pytest.raises(ConfigError, match="crowding_rank"):
+        DedupConfig(crowding_rank=100).validate()  # more than k=64 neighbours
+    with pytest.raises(ConfigError, match="crowding_weight"):
+        DedupConfig(crowding_weight=-1).validate()
