@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.pipeline.conftest import load_tiny_config
+from tests.pipeline.conftest import load_tiny_config, read_json, result_dir
 
 
 def _slurm_state(job_id: str, wait_for: str | None = None, timeout_s: float = 60) -> str:
@@ -51,17 +51,18 @@ def test_pipeline_on_slurm_with_data_on_s3(tmp_path, image_set, images_on_s3, sl
     )
     results = dinov2_pipeline(config=cfg)
 
-    manifest = results["curate"]["outputs"]["manifest"]
-    assert manifest.startswith(f"{s3_bucket}/curated/") and read_manifest_table(manifest)
-    assert read_manifest_table(results["ingest"]["outputs"]["manifest"])[0]["uri"].startswith(images_on_s3)
+    manifest = results["curate"].outputs["manifest"]
+    curate_dir = f"{s3_bucket}/curated/curate/{results['curate'].identity[:16]}/"
+    assert manifest.startswith(curate_dir) and read_manifest_table(manifest)
+    assert read_manifest_table(results["ingest"].outputs["manifest"])[0]["uri"].startswith(images_on_s3)
     client = MlflowClient(cfg.mlflow_uri)
     for stage in ("embed", "pretrain"):
-        state = json.load(open(os.path.join(cfg.stage_dir(stage), "_state.json")))
+        state = read_json(result_dir(cfg, results[stage]), "_state.json")
         assert state["job"]["kind"] == "slurm" and _slurm_state(state["job"]["job_id"], "COMPLETED") == "COMPLETED"
         assert client.get_run(state["mlflow_run_id"]).data.tags["slurm_job_id"] == state["job"]["job_id"]
-    config = json.load(open(os.path.join(cfg.stage_dir("pretrain"), "_SUCCESS.json")))["config"]
+    config = read_json(result_dir(cfg, results["pretrain"]), "_SUCCESS.json")["config"]
     assert config["train"]["dataset"] == manifest
-    assert os.path.exists(os.path.join(results["pretrain"]["outputs"]["export_dir"], "backbone.pth"))
+    assert os.path.exists(os.path.join(results["pretrain"].outputs["export_dir"], "backbone.pth"))
 
 
 def _epochs_for(seconds: float, image_set, tmp_path) -> int:
@@ -99,17 +100,17 @@ def test_time_limit_requeues_training_and_it_completes(tmp_path, image_set, slur
         "launcher.signal_delay_s=10", "launcher.max_num_timeout=15", "launcher.poll_interval_s=2",
     )
     results = dinov2_pipeline(config=cfg)
-    stage_dir = cfg.stage_dir("pretrain")
+    stage_dir = result_dir(cfg, results["pretrain"])
     rows = [json.loads(line) for line in open(os.path.join(stage_dir, "metrics.jsonl"))]
     assert [r["iteration"] for r in rows] == list(range(last + 1))
-    state = json.load(open(os.path.join(stage_dir, "_state.json")))
+    state = read_json(stage_dir, "_state.json")
     job_id = state["job"]["job_id"]
     out = open(os.path.join(stage_dir, "jobs", f"{job_id}_0_log.out")).read()
     err = open(os.path.join(stage_dir, "jobs", f"{job_id}_0_log.err")).read()
     assert out.count("Starting with JobEnvironment") >= 2, "the job must have been requeued"
     assert "resumed from" in err, "the requeued job must continue from its checkpoint"
     # (no sacct check: a time-limit signal that lands after the result is written marks the job FAILED)
-    assert os.path.exists(os.path.join(results["pretrain"]["outputs"]["export_dir"], "backbone.pth"))
+    assert os.path.exists(os.path.join(results["pretrain"].outputs["export_dir"], "backbone.pth"))
     steps = [m.step for m in MlflowClient(cfg.mlflow_uri).get_metric_history(state["mlflow_run_id"], "total_loss")]
     assert steps == list(range(last + 1)), "each iteration is forwarded to MLflow once, across requeues"
 
@@ -138,16 +139,19 @@ def test_failed_job_reports_its_log_tail(tmp_path, slurm_cluster):
 
 
 def test_reattach_then_cancel_active_jobs(tmp_path, slurm_cluster):
+    """A resumed flow re-attaches to the job of the same identity only; the crash/cancel hook stops it."""
     from tasks.launch import StageJob
+    from tasks.record import write_state
     from tasks.runner import cancel_active_jobs
-    from tasks.stage import write_state
 
-    stage_dir = tmp_path / "run" / "pretrain"
+    stage_root = tmp_path / "run" / "pretrain"
+    stage_dir, other_identity = stage_root / ("a" * 16), stage_root / ("b" * 16)
     launcher, resources = _launcher(slurm_cluster)
     handle = launcher.submit(StageJob("subprocess:call", {"args": ["sleep", "120"]}), str(stage_dir), "sleeper", resources)
     write_state(str(stage_dir), status="running")
     again = launcher.attach(str(stage_dir))  # a resumed flow finds the same job instead of submitting another
     assert again is not None and again.job_id == handle.job_id
+    assert launcher.attach(str(other_identity)) is None  # never a job submitted for other inputs
     assert cancel_active_jobs(str(tmp_path / "run")) == [f"pretrain:{handle.job_id}"]
     assert _slurm_state(handle.job_id, "CANCELLED").startswith("CANCELLED")
     assert launcher.attach(str(stage_dir)) is None  # a cancelled job is resubmitted, not re-attached
