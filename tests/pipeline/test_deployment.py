@@ -22,6 +22,8 @@ def test_deployment_run_completes_and_schedule_is_registered(tmp_path, image_set
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from deployments.deploy import deploy
+    from tasks.pipeline_run import read_run_file
+    from tasks.record import current_record
 
     pool = f"test-{uuid.uuid4().hex[:8]}"
     env = dict(os.environ, PREFECT_API_URL=prefect_server_url, OMP_NUM_THREADS="1")
@@ -53,7 +55,10 @@ def test_deployment_run_completes_and_schedule_is_registered(tmp_path, image_set
                         break
                     time.sleep(2)
         assert state.is_completed(), f"{state}\n{open(tmp_path / 'worker.log').read()[-4000:]}"
-        assert os.path.exists(tmp_path / "run" / "pretrain" / "_SUCCESS.json")
+        record = current_record(str(tmp_path / "run" / "pretrain"))
+        assert record is not None and os.path.exists(os.path.join(record["result"]["outputs"]["export_dir"], "backbone.pth"))
+        runs = read_run_file(str(tmp_path / "run"))["runs"]
+        assert [r["prefect_flow_run_id"] for r in runs] == [str(run.id)] and runs[0]["status"] == "completed"
     finally:
         for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL):  # a worker may need a second SIGTERM
             if worker.poll() is not None:
