@@ -3,9 +3,15 @@
 Two kinds are written to disk so that every stage reads them exactly like user data:
 
 * **classification**: an ImageFolder tree ``root/<class>/<index>.png`` plus a manifest with
-  ``uri, label``. A class is a (shape, colour) pair; position, scale, background level and pixel
-  noise are random, so a model has to learn shape and colour, not memorise pixels. Self-supervised
-  pretraining separates the classes after a short run, which makes the data useful for kNN checks.
+  ``uri, label``. Two kinds:
+
+  - ``shape_and_colour`` (default, for tests): a class is a (shape, colour) pair on a plain noisy
+    background; position and scale are random. Easy: even raw pixels separate the classes by colour.
+  - ``shape``: a class is a shape only. Colour, position, scale, rotation and a grey textured
+    background (random stripes, blobs or gradient) are drawn at random per image, so raw pixels
+    carry little class information and a nearest-neighbour search on pixels scores far below a
+    backbone that has learnt shapes. This is the demo's data: a few CPU minutes of self-supervised
+    pretraining beat both the raw-pixel and the random-init baselines on it.
 * **segmentation**: images with one to three solid shapes on a noisy background and a per-pixel
   label PNG (mode ``L``, 0 = background, ``k`` = shape class ``k``) plus a manifest with
   ``uri, mask_uri, label``.
@@ -19,6 +25,7 @@ dataset is complete exactly when its manifest exists.
 
 from __future__ import annotations
 
+import colorsys
 import io
 import os
 from dataclasses import dataclass
@@ -39,6 +46,10 @@ COLOURS = {
     "orange": (245, 140, 30),
     "white": (245, 245, 245),
 }
+#: Classes of the ``shape`` kind, most distinct first (``num_classes`` takes a prefix). No square:
+#: rotated by 45° it would be a diamond.
+SHAPE_ONLY_CLASSES = ("ring", "cross", "triangle", "diamond", "circle")
+CLASSIFICATION_KINDS = ("shape_and_colour", "shape")
 #: Solid shapes used for segmentation (textures make masks ambiguous at 32 px).
 SEGMENTATION_SHAPES = ("circle", "square", "triangle", "cross", "diamond")
 
@@ -54,8 +65,15 @@ class SyntheticDataset:
     num_corrupt: int = 0
 
 
-def classification_class_names(num_classes: int) -> list[str]:
-    """Names ``<shape>_<colour>`` of the first ``num_classes`` classes (shape and colour both differ)."""
+def classification_class_names(num_classes: int, kind: str = "shape_and_colour") -> list[str]:
+    """Class names of the first ``num_classes`` classes of ``kind``: ``<shape>_<colour>`` (shape and
+    colour both differ) for ``shape_and_colour``, the shape name for ``shape``."""
+    if kind not in CLASSIFICATION_KINDS:
+        raise ValueError(f"kind: {kind!r} is not one of {list(CLASSIFICATION_KINDS)}")
+    if kind == "shape":
+        if not 2 <= num_classes <= len(SHAPE_ONLY_CLASSES):
+            raise ValueError(f"num_classes must be in [2, {len(SHAPE_ONLY_CLASSES)}] for kind 'shape', got {num_classes}")
+        return list(SHAPE_ONLY_CLASSES[:num_classes])
     if not 2 <= num_classes <= len(SHAPES) * len(COLOURS):
         raise ValueError(f"num_classes must be in [2, {len(SHAPES) * len(COLOURS)}], got {num_classes}")
     colours = list(COLOURS)
@@ -155,6 +173,46 @@ def draw_classification_image(class_name: str, rng: np.random.Generator, image_s
     return canvas
 
 
+def _grey_texture(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A grey (H, W, 3) background: stripes (random angle, period, phase), blobs or a gradient between
+    two random grey levels, plus noise. Grey on purpose: a colourful background is what a short
+    self-supervised run latches onto first, and it would never learn the shapes."""
+    low, high = sorted(rng.uniform(30, 225, size=2))
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    angle = rng.uniform(0, np.pi)
+    along = xx * np.cos(angle) + yy * np.sin(angle)
+    pattern = int(rng.integers(0, 3))
+    if pattern == 0:  # stripes
+        period = rng.uniform(3, size / 3)
+        mix = 0.5 + 0.5 * np.sin(2 * np.pi * along / period + rng.uniform(0, 2 * np.pi))
+    elif pattern == 1:  # blobs: coarse noise upsampled smoothly
+        cells = int(rng.integers(3, 7))
+        coarse = Image.fromarray((rng.uniform(0, 1, size=(cells, cells)) * 255).astype(np.uint8))
+        mix = np.asarray(coarse.resize((size, size), Image.BICUBIC), np.float32) / 255
+    else:  # gradient
+        mix = (along - along.min()) / max(float(along.max() - along.min()), 1e-6)
+    grey = low + (high - low) * mix
+    return np.repeat(grey[..., None], 3, axis=2) + rng.normal(0, 10, size=(size, size, 3)).astype(np.float32)
+
+
+def draw_shape_image(shape: str, rng: np.random.Generator, image_size: int) -> np.ndarray:
+    """One ``image_size``² RGB float array of the ``shape`` kind: a solid ``shape`` in a random colour
+    (any hue), at a random position, scale and rotation (±30°), on a random grey texture. The shape
+    is bright on dark backgrounds and dark on bright ones, so it stays visible."""
+    if shape not in SHAPE_ONLY_CLASSES:
+        raise ValueError(f"unknown shape {shape!r}; allowed: {list(SHAPE_ONLY_CLASSES)}")
+    canvas = _grey_texture(rng, image_size)
+    value = (0.85, 1.0) if canvas.mean() < 128 else (0.05, 0.3)
+    hue, saturation = rng.uniform(0, 1), rng.uniform(0.5, 1.0)
+    colour = np.asarray(colorsys.hsv_to_rgb(hue, saturation, rng.uniform(*value)), np.float32) * 255
+    box = _random_box(rng, image_size, 0.35, 0.75)
+    centre = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+    mask = _shape_mask(shape, image_size, box).rotate(rng.uniform(-30, 30), Image.BILINEAR, center=centre)
+    _paint(canvas, mask, np.broadcast_to(colour, canvas.shape))
+    canvas += rng.normal(0, 6, size=canvas.shape)
+    return canvas
+
+
 def make_classification_dataset(
     root: str | os.PathLike,
     num_classes: int = 4,
@@ -164,9 +222,13 @@ def make_classification_dataset(
     image_format: str = "png",
     corrupt_images: int = 0,
     manifest_name: str = "manifest.parquet",
+    kind: str = "shape_and_colour",
 ) -> SyntheticDataset:
     """Write an ImageFolder tree ``root/<class>/<i>.<ext>`` and ``root/<manifest_name>`` (uri, label).
 
+    ``kind`` is ``shape_and_colour`` (class = shape + colour; manifest grouped by class) or ``shape``
+    (class = shape only, everything else random; manifest rows interleaved by class, so the first
+    few rows, e.g. the images a PCA figure shows, cover different classes).
     ``corrupt_images`` extra files (truncated PNGs / non-images) are added to the first class and to
     the manifest, so callers can check that corrupt inputs are skipped and counted.
     """
@@ -175,15 +237,19 @@ def make_classification_dataset(
     if image_size < 8:
         raise ValueError(f"image_size must be >= 8, got {image_size}")
     root = os.fspath(root)
-    names = classification_class_names(num_classes)
+    names = classification_class_names(num_classes, kind)
+    draw = draw_shape_image if kind == "shape" else draw_classification_image
+    order = [(c, i) for c in range(num_classes) for i in range(images_per_class)]
+    if kind == "shape":
+        order.sort(key=lambda class_and_index: (class_and_index[1], class_and_index[0]))
     rows = []
-    for class_index, name in enumerate(names):
-        for i in range(images_per_class):
-            rng = np.random.default_rng([seed, class_index, i])
-            relative = f"{name}/{i:05d}.{image_format}"
-            image = draw_classification_image(name, rng, image_size)
-            _write(os.path.join(root, relative), _encode(image, image_format))
-            rows.append({"uri": relative, "label": name})
+    for class_index, i in order:
+        name = names[class_index]
+        rng = np.random.default_rng([seed, class_index, i])
+        relative = f"{name}/{i:05d}.{image_format}"
+        image = draw(name, rng, image_size)
+        _write(os.path.join(root, relative), _encode(image, image_format))
+        rows.append({"uri": relative, "label": name})
     for j in range(corrupt_images):
         relative = f"{names[0]}/corrupt_{j:03d}.{image_format}"
         valid = _encode(np.zeros((image_size, image_size, 3)), image_format)
@@ -203,15 +269,17 @@ def make_classification_splits(
     image_size: int = 32,
     seed: int = 0,
     image_format: str = "png",
+    kind: str = "shape_and_colour",
 ) -> dict[str, SyntheticDataset]:
-    """``root/train`` and ``root/test`` classification trees drawn with different seeds."""
+    """``root/train`` and ``root/test`` classification trees of ``kind`` drawn with different seeds."""
     root = os.fspath(root)
     return {
         "train": make_classification_dataset(
-            os.path.join(root, "train"), num_classes, train_per_class, image_size, seed, image_format
+            os.path.join(root, "train"), num_classes, train_per_class, image_size, seed, image_format, kind=kind
         ),
         "test": make_classification_dataset(
-            os.path.join(root, "test"), num_classes, test_per_class, image_size, seed + 1_000_003, image_format
+            os.path.join(root, "test"), num_classes, test_per_class, image_size, seed + 1_000_003, image_format,
+            kind=kind,
         ),
     }
 

@@ -48,5 +48,8 @@ def report_markdown(
     if data_lines:
         parts += ["## Data\n", "\n", *[f"- {line}\n" for line in data_lines], "\n"]
     if pca_files:
-        parts += ["## PCA feature maps\n", "\n", *[f"![{name}]({name})\n" for name in pca_files]]
+        parts += ["## PCA feature maps\n", "\n",
+                  "Each test image beside the first three principal components of its patch features as RGB; "
+                  "background patches (first component below the threshold) are black.\n", "\n",
+                  *[f"![{name}]({name})\n" for name in pca_files]]
     return "".join(parts)

@@ -6,6 +6,7 @@ import os
 import time
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from dinov2_core.data.manifest import read_manifest, read_manifest_table
@@ -49,3 +50,31 @@ def test_segmentation_masks_match_images(tmp_path):
         assert mask.max() <= 3 and (mask > 0).any() and (mask == 0).any()
         seen |= set(np.unique(mask).tolist())
     assert seen == {0, 1, 2, 3}
+
+
+def _pixel_nearest_neighbour_accuracy(data) -> float:
+    """Leave-one-out 1-NN accuracy with cosine similarity on raw pixels."""
+    records = read_manifest(data.manifest_uri)
+    pixels = np.stack([np.asarray(Image.open(r.uri), np.float32).ravel() for r in records])
+    pixels /= np.linalg.norm(pixels, axis=1, keepdims=True)
+    similarity = pixels @ pixels.T
+    np.fill_diagonal(similarity, -np.inf)
+    labels = np.asarray([r.label for r in records])
+    return float((labels[similarity.argmax(1)] == labels).mean())
+
+
+def test_shape_kind_hides_the_class_from_raw_pixels(tmp_path):
+    shapes = make_classification_dataset(tmp_path / "shape", num_classes=4, images_per_class=40, seed=5, kind="shape")
+    twin = make_classification_dataset(tmp_path / "twin", num_classes=4, images_per_class=40, seed=5, kind="shape")
+    coloured = make_classification_dataset(tmp_path / "colour", num_classes=4, images_per_class=40, seed=5)
+    assert shapes.class_names == ("ring", "cross", "triangle", "diamond")
+    records = read_manifest(shapes.manifest_uri)
+    assert [r.label for r in records[:8]] == [*shapes.class_names, *shapes.class_names]  # interleaved
+    for record, other in zip(records[::23], read_manifest(twin.manifest_uri)[::23]):
+        assert open(record.uri, "rb").read() == open(other.uri, "rb").read()
+    # colour, position, scale and background are random: pixels barely beat chance (25 %) on shapes,
+    # while on shape-and-colour classes they are nearly perfect
+    assert _pixel_nearest_neighbour_accuracy(shapes) < 0.5
+    assert _pixel_nearest_neighbour_accuracy(coloured) > 0.9
+    with pytest.raises(ValueError, match=r"kind: 'shapes' is not one of \['shape_and_colour', 'shape'\]"):
+        make_classification_dataset(tmp_path / "bad", kind="shapes")
