@@ -45,8 +45,6 @@ def test_missing_required_keys(tmp_path):
         load_pipeline_config(DEMO_CONFIG, [f"work_dir={tmp_path}", f"source={tmp_path}"])
 
 
-@pytest.mark.xfail(strict=True, reason="tasks.wiring._exists lets botocore's NoCredentialsError through (it catches "
-                                       "OSError/ValueError only) instead of the ConfigError naming the key")
 def test_unreadable_s3_source_is_named_with_its_key(tmp_path, image_set, monkeypatch):
     """No credentials for an s3:// source: the config error names ``source``, not a botocore traceback."""
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
@@ -55,7 +53,7 @@ def test_unreadable_s3_source_is_named_with_its_key(tmp_path, image_set, monkeyp
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")  # nothing listens; no cached filesystem either
-    with pytest.raises(ConfigError, match="source: 's3://no-such-bucket/images' does not exist"):
+    with pytest.raises(ConfigError, match="source: 's3://no-such-bucket/images' cannot be checked: NoCredentialsError"):
         load_tiny_config(tmp_path / "run", image_set, "source=s3://no-such-bucket/images")
 
 
