@@ -132,7 +132,7 @@ def finish_run(ctx: RunContext, status: str) -> None:
             })
             tracker.end(ctx.parent_run_id, "FINISHED" if status == "completed" else "FAILED")
     finally:
-        WorkDirLock(ctx.work_dir, acquired=True).release()
+        WorkDirLock(ctx.work_dir).release()
 
 
 def finished_upstream(cfg: PipelineConfig, stage: str) -> dict[str, StageResult]:

@@ -93,11 +93,57 @@ def execute(config: dict[str, Any], inputs: dict[str, Any], output_uri: str, sta
         tracker.log_artifact(parent, report_path)
         for path in figures:
             tracker.log_artifact(parent, path, os.path.basename(os.path.dirname(path)))
+        history = history_figure(tracking, config["work_dir"], key_metrics(results), os.path.join(output_uri, "history.png"))
+        if history:
+            tracker.log_artifact(parent, history)
         final = final_backbone(results)
         if tracking.get("log_model") and final:
             model = register_if_changed(tracker, parent, final, results, tracking.get("registered_model_name"))
     return {"outputs": {"dir": output_uri, "report": report_path}, "markdown": markdown, "model": model,
             "metrics": {}, "artifacts": []}
+
+
+def history_figure(tracking: dict[str, Any], work_dir: str, current: dict[str, float], out_path: str) -> str | None:
+    """kNN top-1 of every pipeline run of this run directory against the parameters that changed between
+    them (one point per run, labelled with what differed from the previous run): the comparison users
+    open first when a weekly retraining moves the numbers."""
+    from tasks.tracking import compare_runs
+
+    columns, rows = compare_runs(tracking["uri"], tracking["experiment"], work_dirs=[work_dir], max_runs=50,
+                                 metric_filter=("knn.top1",))
+    metric = next((k for k in sorted(current) if ".knn.top1.k" in k and "baseline" not in k), None)
+    if metric is None or not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dinov2_core.utils.atomic import atomic_write_bytes
+
+    rows = list(reversed(rows))  # oldest first
+    params = [c for c in columns if c not in ("run", "name", "status", "recomputed") and "knn" not in c]
+    points = [(i, float(row[metric]) if row.get(metric) else current[metric] if i == len(rows) - 1 else None)
+              for i, row in enumerate(rows)]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
+    ax.plot([i for i, v in points if v is not None], [100 * v for i, v in points if v is not None], "o-")
+    for i, row in enumerate(rows):
+        changed = [f"{p.split('.')[-1]}={row[p]}" for p in params if i and row.get(p) != rows[i - 1].get(p)]
+        label = "\n".join(changed[:3]) or ("first run" if i == 0 else "new data" if row.get("recomputed") else "")
+        ax.annotate(label, (i, 100 * (points[i][1] or 0)), textcoords="offset points", xytext=(0, 8), ha="center",
+                    fontsize=7)
+    ax.set_xticks(range(len(rows)), [row["name"] for row in rows], rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_title(f"{metric} across the runs of {os.path.basename(work_dir)}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(out_path, buffer.getvalue())
+    return out_path
 
 
 def final_backbone(results: dict[str, StageResult]) -> tuple[str, str] | None:

@@ -62,6 +62,9 @@ class Tracker:
     def __init__(self, uri: str, experiment: str) -> None:
         from mlflow import MlflowClient
 
+        # MLflow prints "View run ... at <server URL>" at every run's end: the URL may carry credentials,
+        # and the console shows one line per stage
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.uri = uri
         self.experiment = experiment
         self.client = MlflowClient(tracking_uri=uri)

@@ -403,7 +403,8 @@ def eval_configs(cfg: PipelineConfig, inputs: dict[str, Any]) -> dict[str, Any]:
 
 def _report_spec(cfg: PipelineConfig, upstream: _Upstream, common: dict[str, Any]) -> StageSpec:
     results = {stage: result.to_dict() for stage, result in upstream.results.items() if stage != "report"}
-    config = {"run_name": cfg.name, "tracking": dict(to_dict(cfg.tracking), uri=cfg.mlflow_uri)}
+    config = {"run_name": cfg.name, "work_dir": cfg.work_dir,
+              "tracking": dict(to_dict(cfg.tracking), uri=cfg.mlflow_uri)}
     return StageSpec("report", config, data_root=common["stage_root"], inputs={"results": results}, **common)
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 LOCK_NAME = ".lock"
+_DEPTH: dict[str, int] = {}  # acquisitions held by this process, per lock file (the lock is re-entrant)
 
 
 class WorkDirLocked(RuntimeError):
@@ -48,10 +49,10 @@ def _is_stale(holder: dict[str, Any]) -> bool:
 
 @dataclass
 class WorkDirLock:
-    """``with WorkDirLock(work_dir): ...``; re-entrant within one process (a stage flow inside a run)."""
+    """``with WorkDirLock(work_dir): ...``; re-entrant within one process (the CLI takes it, then the flow
+    it runs takes it again): the file goes when the last acquisition of this process is released."""
 
     work_dir: str
-    acquired: bool = False
 
     @property
     def path(self) -> str:
@@ -76,6 +77,7 @@ class WorkDirLock:
     def acquire(self) -> WorkDirLock:
         os.makedirs(self.work_dir, exist_ok=True)
         if self.held_by_me():
+            _DEPTH[self.path] = _DEPTH.get(self.path, 0) + 1
             return self
         for _ in range(2):
             try:
@@ -96,14 +98,19 @@ class WorkDirLock:
                 ) from None
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 json.dump(_holder(), handle)
-            self.acquired = True
+            _DEPTH[self.path] = 1
             return self
         raise WorkDirLocked(f"{self.work_dir}: could not take {self.path} (another run raced for it)")
 
     def release(self) -> None:
-        if self.acquired and self.held_by_me():
+        """Give back one acquisition of this process (no-op when this process does not hold the lock)."""
+        depth = _DEPTH.get(self.path, 0) - 1
+        if depth > 0:
+            _DEPTH[self.path] = depth
+            return
+        _DEPTH.pop(self.path, None)
+        if depth == 0 and self.held_by_me():
             os.unlink(self.path)
-        self.acquired = False
 
     def __enter__(self) -> WorkDirLock:
         return self.acquire()

@@ -17,7 +17,7 @@ Fixtures (names are stable; other test packages rely on them):
 
 Isolation, applied when this module is imported (before any test module can import prefect or mlflow,
 whose settings are read at import): ``PREFECT_HOME`` is a fresh temporary directory,
-``PREFECT_API_URL`` is empty (so flows use an ephemeral in-process server, never a server from the
+``PREFECT_API_URL`` is unset (so flows use an ephemeral in-process server, never a server from the
 developer's environment or a ``.env`` file), analytics are off, and ``MLFLOW_TRACKING_URI`` points at a
 throwaway SQLite file, so no test writes ``mlflow.db`` or ``mlruns/`` into the working directory.
 Tests that want the real servers ask for the fixtures above and pass the URL explicitly.
@@ -43,7 +43,9 @@ REQUIRE_SERVICES = os.environ.get("DINOV2_REQUIRE_SERVICES") == "1"
 
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="dinov2-tests-"))
 os.environ["PREFECT_HOME"] = str(_SESSION_TMP / "prefect")
-os.environ["PREFECT_API_URL"] = ""
+# unset, not empty: an empty PREFECT_API_URL leaves Prefect's events client without an address (every
+# event then logs "EventsWorker failed" with a traceback); unset, the flow's ephemeral server is used
+os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("PREFECT_API_KEY", None)
 os.environ.pop("PREFECT_PROFILE", None)
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
@@ -186,7 +188,7 @@ def mlflow_server_uri() -> str:
 def prefect_server_url() -> str:
     """API URL of the running Prefect server (``infra/prefect/up.sh``), e.g. ``http://127.0.0.1:4200/api``.
 
-    ``PREFECT_API_URL`` stays empty for ordinary tests; use the server in-process with
+    ``PREFECT_API_URL`` stays unset for ordinary tests; use the server in-process with
     ``prefect.settings.temporary_settings({PREFECT_API_URL: url})`` or pass it to subprocesses'
     environment (workers, ``prefect deploy``).
     """

@@ -36,6 +36,8 @@ KNOWN_SECRET_ENV = (
     "PREFECT_API_KEY",
 )
 MIN_ENV_SECRET_LENGTH = 6
+#: Shell variables whose names look secret but hold none (``PWD`` is the working directory, not a password).
+NOT_SECRET_ENV = frozenset({"PWD", "OLDPWD"})
 
 _SECRET_KEY = re.compile(r"(?:^|_)(?:" + "|".join(re.escape(w) for w in SECRET_WORDS) + r")(?:$|_)")
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
@@ -57,7 +59,8 @@ def is_secret_key(name: str) -> bool:
 
 def _env_secret_values() -> list[str]:
     values = {value for name, value in os.environ.items()
-              if (name in KNOWN_SECRET_ENV or is_secret_key(name)) and len(value) >= MIN_ENV_SECRET_LENGTH}
+              if (name in KNOWN_SECRET_ENV or is_secret_key(name)) and name not in NOT_SECRET_ENV
+              and len(value) >= MIN_ENV_SECRET_LENGTH}
     return sorted(values, key=len, reverse=True)  # longest first: one secret may contain another
 
 

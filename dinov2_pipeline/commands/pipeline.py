@@ -81,11 +81,14 @@ def prepare_environment(work_dir: str | None = None, verbose: bool = False) -> N
     import logging
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if not os.environ.get("PREFECT_API_URL"):  # empty means "no server" to us, but breaks Prefect's events client
+        os.environ.pop("PREFECT_API_URL", None)
     # the ephemeral API server can take >20 s to start on a loaded 2-core machine
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     if not verbose:
         # Prefect's console handler only: flow and task logs still reach the Prefect API (the UI shows them)
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read by MLflow when it is imported
     if work_dir and not os.environ.get("PREFECT_API_URL") and not os.environ.get("PREFECT_HOME"):
         os.environ["PREFECT_HOME"] = os.path.join(os.path.abspath(work_dir), "prefect")
     progress = logging.getLogger("dinov2.progress")
@@ -104,12 +107,16 @@ def prepare_environment(work_dir: str | None = None, verbose: bool = False) -> N
 
 def run_pipeline(cfg, config_path: str | None = None, overrides: list[str] | None = None):
     """Run the flow; with ``config_path`` the flow's parameters are the path and overrides (what the
-    Prefect database stores), not the resolved config."""
-    from flows.pipeline import dinov2_pipeline
+    Prefect database stores), not the resolved config. The run directory's lock is taken first, so a
+    second run on it is refused before Prefect starts (the flow takes the same lock again: re-entrant)."""
+    from tasks.workdir_lock import WorkDirLock
 
-    if config_path:
-        return dinov2_pipeline(config_path=os.path.abspath(config_path), overrides=list(overrides or []))
-    return dinov2_pipeline(config=cfg)
+    with WorkDirLock(cfg.work_dir):
+        from flows.pipeline import dinov2_pipeline
+
+        if config_path:
+            return dinov2_pipeline(config_path=os.path.abspath(config_path), overrides=list(overrides or []))
+        return dinov2_pipeline(config=cfg)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -94,3 +94,12 @@ def test_logging_filter_scrubs_message_arguments_and_traceback(monkeypatch):
     assert "connecting to http://***@host with password=***" in output
     assert "login failed for ***" in output and "RuntimeError" in output
     assert "p-secret" not in output and "letmein" not in output and "pw-1234567" not in output
+
+
+def test_the_working_directory_is_not_a_secret(monkeypatch, tmp_path):
+    """``PWD`` matches the secret word ``pwd`` but holds the current directory: paths stay readable."""
+    from dinov2_core.utils.redact import redact_text
+
+    monkeypatch.setenv("PWD", str(tmp_path))
+    monkeypatch.setenv("OLDPWD", str(tmp_path))
+    assert redact_text(f"config: {tmp_path}/configs/x.yaml") == f"config: {tmp_path}/configs/x.yaml"
