@@ -156,6 +156,11 @@ def run_status(work_dir: str) -> dict[str, Any]:
 
     record = read_run_file(work_dir)
     latest = (record.get("runs") or [{}])[-1]
+    lock = WorkDirLock(work_dir)
+    if latest.get("status") == "running" and not (lock.held_by_another_live_process() or lock.held_by_me()):
+        # the run file says running, but no live process holds the directory: the run was killed
+        latest = dict(latest, status="interrupted")
+        record = dict(record, status="interrupted")
     stages: dict[str, dict[str, Any]] = {}
     for stage in STAGES:
         noted = (latest.get("stages") or {}).get(stage)

@@ -19,6 +19,13 @@ import sys
 CHOICES = ("hub", "timm", "hf", "full", "all")
 
 
+def _stage_result_dir(src: str) -> str:
+    """A pipeline stage directory (``<work_dir>/distill``) stands for the result that finished last in it."""
+    from tasks.record import current_dir
+
+    return current_dir(src) or src
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "export",
@@ -45,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     formats = list(FORMATS) if args.to == "all" else [args.to]
     try:
-        source = read_export_source(args.src)
+        source = read_export_source(_stage_result_dir(args.src))
         if args.to == "all" and source.training_state is None:
             formats.remove("full")
             print(f"full: skipped ({args.src} holds no training checkpoint, only the published backbone)")
