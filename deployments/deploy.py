@@ -4,15 +4,16 @@ Equivalent to ``prefect work-pool create <pool> --type process`` followed by
 ``prefect deploy --prefect-file deployments/prefect.yaml --all`` run from the repository root (the
 entrypoints in the file are relative to it). ``dinov2-pipeline deploy`` calls :func:`deploy`, optionally
 with the flow parameters every registered deployment runs with (``--params``: which pipeline config and
-overrides) and a cron schedule that replaces the file's for the ``pipeline`` deployment (``--cron``).
+overrides) and a cron schedule that replaces the file's for the ``pipeline`` deployment (``--cron``): both
+are written into a temporary copy of ``prefect.yaml`` that ``prefect deploy`` reads.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
+import tempfile
 from typing import Any
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,25 +45,31 @@ def deploy(
     if inspect.returncode != 0:
         subprocess.run([*prefect, "work-pool", "create", pool, "--type", "process"], cwd=REPO_ROOT, env=env,
                        check=True, capture_output=True, text=True)
-    options = ["--params", json.dumps(parameters)] if parameters else []
-    if parameters and not names:  # evaluate-checkpoint takes other parameters
-        names = [n for n in deployment_names(prefect_file) if n != "evaluate-checkpoint"]
-    if cron:
-        # the schedule belongs to the end-to-end deployment only; the stage deployments are run by hand
-        _prefect_deploy(prefect, env, prefect_file, pool, ["--name", "pipeline", *options, "--cron", cron,
-                                                           "--timezone", timezone])
-        names = [n for n in (names or deployment_names(prefect_file)) if n != "pipeline"]
-        if not names:
-            return
     selection = [x for name in names for x in ("--name", name)] if names else ["--all"]
-    _prefect_deploy(prefect, env, prefect_file, pool, [*selection, *options])
+    if not parameters and not cron:
+        _prefect_deploy(prefect, env, prefect_file, pool, selection)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        _prefect_deploy(prefect, env, customised(prefect_file, tmp, parameters, cron, timezone), pool, selection)
 
 
-def deployment_names(prefect_file: str = PREFECT_FILE) -> list[str]:
+def customised(prefect_file: str, directory: str, parameters: dict[str, Any] | None, cron: str | None,
+               timezone: str) -> str:
+    """A copy of ``prefect_file`` whose deployments run with ``parameters`` (all but evaluate-checkpoint,
+    which takes others) and whose ``pipeline`` deployment has the single schedule ``cron``."""
     import yaml
 
     with open(prefect_file, encoding="utf-8") as handle:
-        return [d["name"] for d in yaml.safe_load(handle)["deployments"]]
+        spec = yaml.safe_load(handle)
+    for deployment in spec["deployments"]:
+        if parameters and deployment["name"] != "evaluate-checkpoint":
+            deployment["parameters"] = dict(parameters)
+        if cron and deployment["name"] == "pipeline":
+            deployment["schedules"] = [{"cron": cron, "timezone": timezone, "active": True}]
+    path = os.path.join(directory, "prefect.yaml")
+    with open(path, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(spec, handle, sort_keys=False)
+    return path
 
 
 def _prefect_deploy(prefect: list[str], env: dict[str, str], prefect_file: str, pool: str, args: list[str]) -> None:
