@@ -11,7 +11,8 @@ from dinov2_core.data.image_io import ImageDecodeError, load_image
 from dinov2_core.utils.atomic import atomic_write_bytes
 
 
-def _save(fig, uri: str) -> str:
+def save_png(fig, uri: str) -> str:
+    """Write a matplotlib figure as PNG to a local path or URI, atomically, and close it."""
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
@@ -43,7 +44,7 @@ def duplicate_groups_png(groups: Sequence[Sequence[tuple[str, str]]], uri: str, 
             except ImageDecodeError:
                 axes[r, c].text(0.1, 0.5, "unreadable", fontsize=8)
             axes[r, c].set_title(caption, fontsize=7)
-    return _save(fig, uri)
+    return save_png(fig, uri)
 
 
 def cluster_sizes_png(series: dict[str, np.ndarray], uri: str, title: str) -> str:
@@ -62,4 +63,4 @@ def cluster_sizes_png(series: dict[str, np.ndarray], uri: str, title: str) -> st
     ax.set_ylabel("images in cluster")
     ax.set_title(title)
     ax.legend()
-    return _save(fig, uri)
+    return save_png(fig, uri)

@@ -119,7 +119,7 @@ def history_figure(tracking: dict[str, Any], work_dir: str, current: dict[str, f
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dinov2_core.utils.atomic import atomic_write_bytes
+    from curation.plots import save_png
 
     rows = list(reversed(rows))  # oldest first
     params = [c for c in columns if c not in ("run", "name", "status", "recomputed") and "knn" not in c]
@@ -137,13 +137,7 @@ def history_figure(tracking: dict[str, Any], work_dir: str, current: dict[str, f
     ax.set_title(f"{metric} across the runs of {os.path.basename(work_dir)}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    import io
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(out_path, buffer.getvalue())
-    return out_path
+    return save_png(fig, out_path)
 
 
 def final_backbone(results: dict[str, StageResult]) -> tuple[str, str] | None:

@@ -7,7 +7,6 @@ stage's identity: a requeue or a crash resumes, new inputs train anew.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -58,7 +57,7 @@ def plot_losses(metrics_file: str, out_path: str) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dinov2_core.utils.atomic import atomic_write_bytes
+    from curation.plots import save_png
 
     keys = sorted({k for row in rows for k in row if "loss" in k and isinstance(row[k], (int, float))})
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -71,8 +70,4 @@ def plot_losses(metrics_file: str, out_path: str) -> str | None:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(out_path, buffer.getvalue())
-    return out_path
+    return save_png(fig, out_path)
