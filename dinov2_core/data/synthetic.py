@@ -7,8 +7,9 @@ Two kinds are written to disk so that every stage reads them exactly like user d
 
   - ``shape_and_colour`` (default, for tests): a class is a (shape, colour) pair on a plain noisy
     background; position and scale are random. Easy: even raw pixels separate the classes by colour.
-  - ``shape``: a class is a shape only. Colour, position, scale, rotation and a grey textured
-    background (random stripes, blobs or gradient) are drawn at random per image, so raw pixels
+  - ``shape``: a class is a shape only. Its colours (a rainbow gradient in a random direction),
+    position, scale, rotation and a grey textured background (random stripes, blobs or gradient)
+    are drawn at random per image, so raw pixels
     carry little class information and a nearest-neighbour search on pixels scores far below a
     backbone that has learnt shapes. This is the demo's data: a few CPU minutes of self-supervised
     pretraining beat both the raw-pixel and the random-init baselines on it.
@@ -25,7 +26,6 @@ dataset is complete exactly when its manifest exists.
 
 from __future__ import annotations
 
-import colorsys
 import io
 import os
 from dataclasses import dataclass
@@ -195,20 +195,33 @@ def _grey_texture(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.repeat(grey[..., None], 3, axis=2) + rng.normal(0, 10, size=(size, size, 3)).astype(np.float32)
 
 
+def _rainbow(rng: np.random.Generator, size: int, box: tuple[int, int, int, int], bright: bool) -> np.ndarray:
+    """An (H, W, 3) fill whose hue runs once through the whole colour circle across ``box`` along a
+    random direction, from a random starting hue: every shape contains every colour, so colour says
+    nothing about the image (a short self-supervised run would otherwise sort images by colour and
+    never get to their shapes)."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    angle = rng.uniform(0, 2 * np.pi)
+    along = (xx - box[0]) * np.cos(angle) + (yy - box[1]) * np.sin(angle)
+    hue = (rng.uniform(0, 1) + along / max(box[2] - box[0], 1)) % 1.0
+    saturation = rng.uniform(0.6, 1.0)
+    value = rng.uniform(0.85, 1.0) if bright else rng.uniform(0.25, 0.4)
+    hsv = np.stack([hue, np.full_like(hue, saturation), np.full_like(hue, value)], axis=-1)
+    return np.asarray(Image.fromarray(np.round(hsv * 255).astype(np.uint8), "HSV").convert("RGB"), np.float32)
+
+
 def draw_shape_image(shape: str, rng: np.random.Generator, image_size: int) -> np.ndarray:
-    """One ``image_size``² RGB float array of the ``shape`` kind: a solid ``shape`` in a random colour
-    (any hue), at a random position, scale and rotation (±30°), on a random grey texture. The shape
-    is bright on dark backgrounds and dark on bright ones, so it stays visible."""
+    """One ``image_size``² RGB float array of the ``shape`` kind: a solid ``shape`` filled with a
+    rainbow gradient (random direction and starting hue), at a random position, scale and rotation
+    (±30°), on a random grey texture. The shape is bright on dark backgrounds and dark on bright
+    ones, so it stays visible."""
     if shape not in SHAPE_ONLY_CLASSES:
         raise ValueError(f"unknown shape {shape!r}; allowed: {list(SHAPE_ONLY_CLASSES)}")
     canvas = _grey_texture(rng, image_size)
-    value = (0.85, 1.0) if canvas.mean() < 128 else (0.05, 0.3)
-    hue, saturation = rng.uniform(0, 1), rng.uniform(0.5, 1.0)
-    colour = np.asarray(colorsys.hsv_to_rgb(hue, saturation, rng.uniform(*value)), np.float32) * 255
     box = _random_box(rng, image_size, 0.35, 0.75)
     centre = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
     mask = _shape_mask(shape, image_size, box).rotate(rng.uniform(-30, 30), Image.BILINEAR, center=centre)
-    _paint(canvas, mask, np.broadcast_to(colour, canvas.shape))
+    _paint(canvas, mask, _rainbow(rng, image_size, box, bright=canvas.mean() < 128))
     canvas += rng.normal(0, 6, size=canvas.shape)
     return canvas
 
