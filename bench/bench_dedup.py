@@ -37,7 +37,6 @@ over N synthetic 384-d embeddings with planted near-duplicates (bench/synthetic_
 from __future__ import annotations
 
 import argparse
-import collections
 import io
 import os
 import random
