@@ -8,7 +8,7 @@ ratio shows what the 10-crop recipe costs. Both augmentation backends are measur
 (decode to a uint8 square of ``--source-size`` per image, then ``BatchedDataAugmentationDINO`` on
 batches of ``--batch-size``, as ``crops.augmentation=batched`` does in the collate function).
 
-    python -m bench.bench_data_loading --images /tmp/cifar10/train --count 200
+    python -m bench.bench_data_loading --images <tmp>/cifar10/train   # <tmp>: tempfile.gettempdir(), see bench/cifar_data.py --count 200
     python -m bench.bench_data_loading --synthetic 256 --count 200      # no dataset needed
     python -m bench.bench_data_loading --cifar --count 200              # 2×32 + 2×16 crops of 32 px images
     python -m bench.bench_data_loading --cifar --count 20 --no-record   # smoke run, writes nothing

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import tempfile
 
 from bench.cifar_data import cifar10_files
 from bench.common import record
@@ -21,7 +22,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=4096)
     parser.add_argument("--vit-images", type=int, default=128)
-    parser.add_argument("--work", default="/tmp/bench_embed")
+    parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "bench_embed"))
     args = parser.parse_args()
     shutil.rmtree(args.work, ignore_errors=True)
     files = cifar10_files()

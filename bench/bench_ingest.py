@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import tempfile
 import time
 
 from bench.cifar_data import DEFAULT_ROOT, cifar10_files
@@ -20,7 +21,7 @@ from curation.ingest import run_ingest
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--work", default="/tmp/bench_ingest")
+    parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "bench_ingest"))
     args = parser.parse_args()
     files = cifar10_files()
     shutil.rmtree(args.work, ignore_errors=True)

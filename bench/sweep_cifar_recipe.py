@@ -19,10 +19,12 @@ import json
 import os
 import random
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 from bench.bench_knn_cifar import EVAL_CONFIG, TRAIN_RECIPE, prepare_data
+from bench.cifar_data import DEFAULT_ROOT
 from bench.common import RESULTS_DIR, command_line, machine
 from dinov2_core.data.manifest import read_manifest, write_manifest
 
@@ -43,8 +45,8 @@ def main() -> int:
     parser.add_argument("--name", required=True)
     parser.add_argument("--iterations", type=int, default=1000)
     parser.add_argument("--recipe", default=str(TRAIN_RECIPE))
-    parser.add_argument("--workdir", default="/tmp/bench_knn_cifar")
-    parser.add_argument("--data-root", default="/tmp/cifar10")
+    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "bench_knn_cifar"))
+    parser.add_argument("--data-root", default=DEFAULT_ROOT)
     parser.add_argument("--knn-train-images", type=int, default=15000)
     parser.add_argument("--test-images", type=int, default=2000)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")

@@ -1,4 +1,4 @@
-"""Job of the near-duplicate removal (k-NN + cosine threshold + connected components) on the embeddings.
+"""Job of the near-duplicate removal (k-NN + crowding-adjusted cosine threshold + keep-first grouping) on the embeddings.
 
 Wraps ``curation.dedup.run_dedup``. With ``inputs["eval_embeddings"]`` (the eval test set, embedded by
 the embed stage) it also drops training images that are near-duplicates of evaluation images and

@@ -4,8 +4,8 @@ Steps: validate the config → load the backbone (or build a random one) → lis
 for each model (backbone, random init of the same spec, raw pixels) extract frozen features once per
 image set and run kNN / linear / logistic regression / retrieval / dense probe → PCA maps for the
 backbone → write ``metrics.json``, ``details.json``, ``report.md``, ``pca_*.png``, and
-``eval_manifest.jsonl`` + ``decontamination.txt`` (every evaluation image's URI and SHA-256, so the
-dedup stage can keep them out of training data). Every output is written atomically.
+``eval_manifest.jsonl`` + ``decontamination.txt`` (every evaluation image's URI and SHA-256: a record of
+what was evaluated on; the pipeline decontaminates earlier, in dedup, from embeddings of the test set). Every output is written atomically.
 """
 
 from __future__ import annotations

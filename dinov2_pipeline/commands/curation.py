@@ -67,26 +67,27 @@ def _run(args: argparse.Namespace) -> int:
 
     from curation import config as cfgs
 
+    config_class = {"ingest": cfgs.IngestConfig, "embed": cfgs.EmbedConfig, "dedup": cfgs.DedupConfig,
+                    "curate": cfgs.CurateConfig}[args.stage]
+    cfg = load_config(config_class, args.config, args.overrides)  # the config first, then its inputs
     for key in ("source", "manifest", "embeddings", "eval_embeddings", "seed_embeddings"):
         _require(key, getattr(args, key, None))
 
     if args.stage == "ingest":
         from curation.ingest import run_ingest
 
-        result = run_ingest(load_config(cfgs.IngestConfig, args.config, args.overrides), args.source, args.output)
+        result = run_ingest(cfg, args.source, args.output)
     elif args.stage == "embed":
         from curation.embed import run_embed
 
-        result = run_embed(load_config(cfgs.EmbedConfig, args.config, args.overrides), args.manifest, args.output)
+        result = run_embed(cfg, args.manifest, args.output)
     elif args.stage == "dedup":
         from curation.dedup import run_dedup
 
-        result = run_dedup(load_config(cfgs.DedupConfig, args.config, args.overrides), args.manifest,
-                           args.embeddings, args.output, args.eval_embeddings)
+        result = run_dedup(cfg, args.manifest, args.embeddings, args.output, args.eval_embeddings)
     else:
         from curation.curate import run_curate
 
-        result = run_curate(load_config(cfgs.CurateConfig, args.config, args.overrides), args.manifest,
-                            args.embeddings, args.output, args.seed_embeddings)
+        result = run_curate(cfg, args.manifest, args.embeddings, args.output, args.seed_embeddings)
     print(json.dumps(result, indent=2, sort_keys=True, default=str))
     return 0
