@@ -9,10 +9,10 @@ Two kinds are written to disk so that every stage reads them exactly like user d
     background; position and scale are random. Easy: even raw pixels separate the classes by colour.
   - ``shape``: a class is a shape only. Its colours (a rainbow gradient in a random direction),
     position, scale, rotation and a grey textured background (random stripes, blobs or gradient)
-    are drawn at random per image, so raw pixels
-    carry little class information and a nearest-neighbour search on pixels scores far below a
-    backbone that has learnt shapes. This is the demo's data: a few CPU minutes of self-supervised
-    pretraining beat both the raw-pixel and the random-init baselines on it.
+    are drawn at random per image, so raw pixels carry little class information: leave-one-out
+    1-NN on pixels scores about 35-45 % with 4 classes (chance 25 %), against about 100 % on
+    ``shape_and_colour``. Meant as demo data on which a backbone has to learn shapes; a vit_test
+    pretrained for 1200 CPU steps does not yet beat the raw pixels on it (about 38 % kNN).
 * **segmentation**: images with one to three solid shapes on a noisy background and a per-pixel
   label PNG (mode ``L``, 0 = background, ``k`` = shape class ``k``) plus a manifest with
   ``uri, mask_uri, label``.
