@@ -1,5 +1,6 @@
 """SIGKILL the flow process while pretraining runs, resume: finished stages are not recomputed,
-the interrupted stage continues from its last checkpoint and ends exactly where an uninterrupted run ends."""
+the interrupted stage continues from its last checkpoint (same identity directory) and ends exactly where an
+uninterrupted run ends; ``status`` of a killed run says what was interrupted."""
 
 from __future__ import annotations
 
