@@ -63,9 +63,8 @@ def test_vit_test_export_end_to_end_writes_every_output(synthetic_data, tmp_path
     assert "baseline_pixels.knn.top1.k20" in metrics and "baseline_pixels.linear.top1" not in metrics
     report = (out / "report.md").read_text()
     assert "| random init |" in report and "| raw pixels |" in report and "test: 24 images, 2 skipped" in report
-    for name in ("pca_000.png", "pca_001.png"):
-        with Image.open(out / name) as panel:
-            assert panel.size == (64, 32)
+    with Image.open(out / "pca_maps.png") as figure:  # 2 rows: crop and map, 224 px panels under title strips
+        assert figure.size == (472, 496)
     lines = [l for l in (out / "decontamination.txt").read_text().splitlines() if not l.startswith("#")]
     expected = synthetic_data["train"].num_images + len(test_records) + 2 + synthetic_data["seg"].num_images
     assert len(lines) == expected
