@@ -6,6 +6,7 @@ and is versioned across runs. Outside a Prefect run (stage functions called dire
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -57,6 +58,20 @@ def markdown(run_name: str, name: str, text: str, description: str = "") -> None
 
     create_markdown_artifact(markdown=redact_text(text), key=artifact_key(run_name, name),
                              description=description or name)
+
+
+def figure(run_name: str, name: str, path: str, description: str) -> None:
+    """A PNG as a Markdown artifact with the image inline (a data URI: the UI cannot reach the file)."""
+    if not _in_prefect_run() or not os.path.exists(path):
+        return
+    import base64
+
+    from prefect.artifacts import create_markdown_artifact
+
+    with open(path, "rb") as handle:
+        encoded = base64.b64encode(handle.read()).decode("ascii")
+    create_markdown_artifact(markdown=f"### {description}\n\n![{os.path.basename(path)}](data:image/png;base64,{encoded})\n",
+                             key=artifact_key(run_name, name), description=description)
 
 
 def job_log(run_name: str, stage: str, handle, lines: int = 60) -> None:

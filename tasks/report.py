@@ -83,6 +83,10 @@ def execute(config: dict[str, Any], inputs: dict[str, Any], output_uri: str, sta
     report_path = os.path.join(output_uri, "report.md")
     atomic_write_text(report_path, markdown)
     artifacts.markdown(config["run_name"], "report", markdown, "End-to-end pipeline report")
+    for path in figures:
+        backbone = os.path.basename(os.path.dirname(path))
+        artifacts.figure(config["run_name"], f"{backbone}-pca-maps", path,
+                         f"PCA feature maps of the {backbone} backbone (first 3 components, background masked)")
 
     tracking = config.get("tracking") or {}
     model: dict[str, Any] = {}
