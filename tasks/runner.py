@@ -68,7 +68,9 @@ def _start_child(tracker: Tracker | None, spec: StageSpec, ctx: RunContext, outc
         return None
     return tracker.start_run(
         spec.stage,
-        params={"config": spec.config, "inputs": spec.inputs, "launcher": spec.launcher},
+        # the report's inputs are every upstream result: already in their own runs
+        params={"config": spec.config, "launcher": spec.launcher,
+                **({"inputs": spec.inputs} if spec.definition.kind != "report" else {})},
         tags={
             "stage": spec.stage,
             "outcome": outcome,
