@@ -29,9 +29,6 @@ def _complete_checkpoints(stage_root: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="dinov2_core.utils.redact treats the PWD variable as a secret ('pwd' is a "
-                                       "secret word), so pipeline.yaml saves the recipe paths under the working "
-                                       "directory as '***/configs/train/...' and 'resume' refuses the masked config")
 def test_kill_during_training_then_resume(tmp_path, image_set, prefect_server_url):
     import torch
 
@@ -44,7 +41,7 @@ def test_kill_during_training_then_resume(tmp_path, image_set, prefect_server_ur
         "pretrain.overrides=[optim.epochs=4, checkpoint.period=2]",
         "launcher.poll_interval_s=0.5", epochs=1,
     )
-    # PWD as a shell started in the repository sets it (the recipes of the demo config live below it)
+    # PWD as a shell started in the repository sets it: the recipe paths below it must survive secret redaction
     env = dict(os.environ, PREFECT_API_URL=prefect_server_url, OMP_NUM_THREADS="1", PWD=str(REPO_ROOT))
     log = open(tmp_path / "flow.log", "wb")
     flow = _cli(["run", str(DEMO_CONFIG), *overrides], env, log)
@@ -102,9 +99,6 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-@pytest.mark.xfail(strict=True, reason="tasks.pipeline_run.run_status reports a stage of a run whose flow process "
-                                       "was killed as 'running' (the run's own status is never closed); the work-dir "
-                                       "lock's holder is dead, so it should say 'interrupted'")
 def test_status_of_a_killed_run_says_interrupted(tmp_path):
     from tasks.pipeline_run import run_status
 
