@@ -70,3 +70,18 @@ def result_dir(cfg, result) -> str:
 def read_json(*path: str | os.PathLike) -> dict:
     with open(os.path.join(*path), encoding="utf-8") as handle:
         return json.load(handle)
+
+
+def stop_worker(worker) -> None:
+    """Stop a Prefect worker started with ``start_new_session=True`` (it may need a second SIGTERM)."""
+    import signal
+    import subprocess
+
+    for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL):
+        if worker.poll() is not None:
+            return
+        os.killpg(worker.pid, sig)
+        try:
+            worker.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass

@@ -4,7 +4,6 @@ schedule, and a run triggered on the server is executed by a ``process`` worker 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ import uuid
 
 import pytest
 
-from tests.pipeline.conftest import REPO_ROOT, tiny_overrides
+from tests.pipeline.conftest import stop_worker, REPO_ROOT, tiny_overrides
 
 
 @pytest.mark.slow
@@ -60,11 +59,4 @@ def test_deployment_run_completes_and_schedule_is_registered(tmp_path, image_set
         runs = read_run_file(str(tmp_path / "run"))["runs"]
         assert [r["prefect_flow_run_id"] for r in runs] == [str(run.id)] and runs[0]["status"] == "completed"
     finally:
-        for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL):  # a worker may need a second SIGTERM
-            if worker.poll() is not None:
-                break
-            os.killpg(worker.pid, sig)
-            try:
-                worker.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
+        stop_worker(worker)

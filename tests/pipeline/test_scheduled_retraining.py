@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.pipeline.conftest import DEMO_CONFIG, REPO_ROOT, tiny_overrides
+from tests.pipeline.conftest import stop_worker, DEMO_CONFIG, REPO_ROOT, tiny_overrides
 
 
 def _wait(client, run_id, seconds: float = 300):
@@ -70,14 +69,7 @@ def test_deployed_schedule_and_two_runs_after_new_data(tmp_path, image_set, pref
             second = run_deployment("dinov2-pipeline/pipeline", timeout=0)
             assert _wait(client, second.id).is_completed(), (tmp_path / "worker.log").read_text()[-4000:]
     finally:
-        for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL):  # a worker may need a second SIGTERM
-            if worker.poll() is not None:
-                break
-            os.killpg(worker.pid, sig)
-            try:
-                worker.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
+        stop_worker(worker)
 
     cfg = load_pipeline_config(DEMO_CONFIG, overrides)
     columns, rows = compare_runs(cfg.mlflow_uri, cfg.tracking.experiment, work_dirs=[cfg.work_dir])
