@@ -8,6 +8,7 @@ times); beyond that :class:`TrainingDivergedError` names the loss, the step and 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 
 class TrainingDivergedError(RuntimeError):
@@ -30,13 +31,15 @@ class NanGuard:
     def bad_losses(losses: dict[str, float]) -> list[str]:
         return [name for name, value in losses.items() if not math.isfinite(value)]
 
-    def observe(self, iteration: int, losses: dict[str, float], can_restore: bool) -> str:
-        """Returns ``ok``, ``skip`` (do not apply this step) or ``restore``; raises when out of options."""
+    def observe(self, iteration: int, losses: dict[str, float], can_restore: Callable[[], bool]) -> str:
+        """Returns ``ok``, ``skip`` (do not apply this step) or ``restore``; raises when out of options.
+        ``can_restore`` (is there a complete checkpoint?) is only asked after bad steps: it lists files."""
         bad = self.bad_losses(losses)
         if not bad:
             self.consecutive_bad = 0
             return "ok"
         self.consecutive_bad += 1
+        can_restore = can_restore()
         if self.consecutive_bad <= self.max_consecutive_bad_steps:
             return "skip"
         if can_restore and self.restores < self.max_restores:

@@ -202,7 +202,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss, logged = self.meta.forward_losses(batch, values["teacher_temp"])
         losses = _all_reduce_mean(logged, self.ctx.device)
-        verdict = self.nan_guard.observe(self.iteration, losses, can_restore=self.checkpoints.latest() is not None)
+        verdict = self.nan_guard.observe(self.iteration, losses, can_restore=lambda: self.checkpoints.latest() is not None)
         if verdict != "ok":
             return verdict, losses
         loss.backward()

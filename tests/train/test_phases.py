@@ -113,12 +113,12 @@ def test_distill_rejects_teacher_without_heads(pretrain_run, tiny_dataset, tmp_p
 
 def test_nan_guard_skips_restores_then_stops():
     guard = NanGuard(max_consecutive_bad_steps=1, max_restores=1)
-    assert guard.observe(0, {"total_loss": 1.0}, can_restore=True) == "ok"
-    assert guard.observe(1, {"total_loss": float("nan")}, can_restore=True) == "skip"
-    assert guard.observe(2, {"total_loss": float("nan")}, can_restore=True) == "restore"
-    assert guard.observe(3, {"ibot_loss": float("inf"), "total_loss": float("inf")}, can_restore=True) == "skip"
+    assert guard.observe(0, {"total_loss": 1.0}, can_restore=lambda: True) == "ok"
+    assert guard.observe(1, {"total_loss": float("nan")}, can_restore=lambda: True) == "skip"
+    assert guard.observe(2, {"total_loss": float("nan")}, can_restore=lambda: True) == "restore"
+    assert guard.observe(3, {"ibot_loss": float("inf"), "total_loss": float("inf")}, can_restore=lambda: True) == "skip"
     with pytest.raises(TrainingDivergedError, match=r"iteration 4: ibot_loss=inf.*lower optim.base_lr"):
-        guard.observe(4, {"ibot_loss": float("inf"), "total_loss": float("inf")}, can_restore=True)
+        guard.observe(4, {"ibot_loss": float("inf"), "total_loss": float("inf")}, can_restore=lambda: True)
 
 
 def test_divergence_is_skipped_restored_then_reported(tiny_dataset, tmp_path):
