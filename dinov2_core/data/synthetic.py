@@ -13,6 +13,11 @@ Two kinds are written to disk so that every stage reads them exactly like user d
     1-NN on pixels scores about 35-45 % with 4 classes (chance 25 %), against about 100 % on
     ``shape_and_colour``. Meant as demo data on which a backbone has to learn shapes; a vit_test
     pretrained for 1200 CPU steps does not yet beat the raw pixels on it (about 38 % kNN).
+  - ``pattern`` (the demo's data): a class is a periodic grey pattern filling the whole image
+    (horizontal stripes, vertical stripes, checkerboard, dots). Period, phase, a ±20° tilt, the two
+    grey levels, edge sharpness and a linear illumination gradient are drawn at random per image, so
+    raw pixels sit near chance (leave-one-out 1-NN about 35 % with 4 classes), while every crop
+    carries the class: the crop-consistency objective of DINO learns it in a few hundred CPU steps.
 * **segmentation**: images with one to three solid shapes on a noisy background and a per-pixel
   label PNG (mode ``L``, 0 = background, ``k`` = shape class ``k``) plus a manifest with
   ``uri, mask_uri, label``.
@@ -49,7 +54,10 @@ COLOURS = {
 #: Classes of the ``shape`` kind, most distinct first (``num_classes`` takes a prefix). No square:
 #: rotated by 45° it would be a diamond.
 SHAPE_ONLY_CLASSES = ("ring", "cross", "triangle", "diamond", "circle")
-CLASSIFICATION_KINDS = ("shape_and_colour", "shape")
+#: Classes of the ``pattern`` kind. No diagonal stripes: the horizontal flip of the training
+#: augmentation would merge the two diagonals into one class.
+PATTERN_CLASSES = ("horizontal_stripes", "vertical_stripes", "checkerboard", "dots")
+CLASSIFICATION_KINDS = ("shape_and_colour", "shape", "pattern")
 #: Solid shapes used for segmentation (textures make masks ambiguous at 32 px).
 SEGMENTATION_SHAPES = ("circle", "square", "triangle", "cross", "diamond")
 
@@ -67,13 +75,17 @@ class SyntheticDataset:
 
 def classification_class_names(num_classes: int, kind: str = "shape_and_colour") -> list[str]:
     """Class names of the first ``num_classes`` classes of ``kind``: ``<shape>_<colour>`` (shape and
-    colour both differ) for ``shape_and_colour``, the shape name for ``shape``."""
+    colour both differ) for ``shape_and_colour``, the shape name for ``shape``, the pattern name for
+    ``pattern``."""
     if kind not in CLASSIFICATION_KINDS:
         raise ValueError(f"kind: {kind!r} is not one of {list(CLASSIFICATION_KINDS)}")
-    if kind == "shape":
-        if not 2 <= num_classes <= len(SHAPE_ONLY_CLASSES):
-            raise ValueError(f"num_classes must be in [2, {len(SHAPE_ONLY_CLASSES)}] for kind 'shape', got {num_classes}")
-        return list(SHAPE_ONLY_CLASSES[:num_classes])
+    single_property = {"shape": SHAPE_ONLY_CLASSES, "pattern": PATTERN_CLASSES}.get(kind)
+    if single_property is not None:
+        if not 2 <= num_classes <= len(single_property):
+            raise ValueError(
+                f"num_classes must be in [2, {len(single_property)}] for kind {kind!r}, got {num_classes}"
+            )
+        return list(single_property[:num_classes])
     if not 2 <= num_classes <= len(SHAPES) * len(COLOURS):
         raise ValueError(f"num_classes must be in [2, {len(SHAPES) * len(COLOURS)}], got {num_classes}")
     colours = list(COLOURS)
@@ -226,6 +238,46 @@ def draw_shape_image(shape: str, rng: np.random.Generator, image_size: int) -> n
     return canvas
 
 
+def draw_pattern_image(pattern: str, rng: np.random.Generator, image_size: int) -> np.ndarray:
+    """One ``image_size``² RGB float array of the ``pattern`` kind: ``pattern`` over the whole image
+    with a random period (4-10 px), phase, tilt (±20°), edge sharpness, two random grey levels and a
+    random linear illumination gradient, plus noise. Grey on purpose: random colours would be the
+    per-image identity a short self-supervised run learns first, instead of the pattern."""
+    if pattern not in PATTERN_CLASSES:
+        raise ValueError(f"unknown pattern {pattern!r}; allowed: {list(PATTERN_CLASSES)}")
+    yy, xx = np.mgrid[0:image_size, 0:image_size].astype(np.float32)
+    tilt = np.deg2rad(rng.uniform(-20, 20))
+    xx, yy = xx * np.cos(tilt) - yy * np.sin(tilt), xx * np.sin(tilt) + yy * np.cos(tilt)
+    period = rng.uniform(4, 10)
+    phase_x, phase_y = rng.uniform(0, period, size=2)
+    wave_x, wave_y = np.sin(2 * np.pi * (xx + phase_x) / period), np.sin(2 * np.pi * (yy + phase_y) / period)
+    if pattern == "horizontal_stripes":
+        signal = wave_y
+    elif pattern == "vertical_stripes":
+        signal = wave_x
+    elif pattern == "checkerboard":
+        signal = 2 * wave_x * wave_y
+    else:  # dots: discs of radius 0.28 period on a square lattice
+        offset_x = (xx + phase_x) % period - period / 2
+        offset_y = (yy + phase_y) % period - period / 2
+        signal = np.where(np.hypot(offset_x, offset_y) < 0.28 * period, 1.0, -1.0)
+    sharpness = rng.uniform(1, 6)
+    on = 1 / (1 + np.exp(-sharpness * signal))  # soft (sine-like) to hard (binary) edges
+    low, high = rng.uniform(0, 255, size=2)
+    grey = low + (high - low) * on
+    slope_x, slope_y = rng.uniform(-1, 1, size=2)
+    grid = np.linspace(-0.5, 0.5, image_size, dtype=np.float32)
+    grey = grey * (1 + slope_x * grid[None, :] + slope_y * grid[:, None])
+    return np.repeat(grey[..., None], 3, axis=2) + rng.normal(0, 8, size=(image_size, image_size, 3))
+
+
+_DRAW_BY_KIND = {
+    "shape_and_colour": draw_classification_image,
+    "shape": draw_shape_image,
+    "pattern": draw_pattern_image,
+}
+
+
 def make_classification_dataset(
     root: str | os.PathLike,
     num_classes: int = 4,
@@ -239,9 +291,10 @@ def make_classification_dataset(
 ) -> SyntheticDataset:
     """Write an ImageFolder tree ``root/<class>/<i>.<ext>`` and ``root/<manifest_name>`` (uri, label).
 
-    ``kind`` is ``shape_and_colour`` (class = shape + colour; manifest grouped by class) or ``shape``
-    (class = shape only, everything else random; manifest rows interleaved by class, so the first
-    few rows, e.g. the images a PCA figure shows, cover different classes).
+    ``kind`` is ``shape_and_colour`` (class = shape + colour; manifest grouped by class), ``shape``
+    (class = shape only, everything else random) or ``pattern`` (class = a periodic grey pattern,
+    everything else random); for the last two the manifest rows are interleaved by class, so the
+    first few rows, e.g. the images a PCA figure shows, cover different classes.
     ``corrupt_images`` extra files (truncated PNGs / non-images) are added to the first class and to
     the manifest, so callers can check that corrupt inputs are skipped and counted.
     """
@@ -251,9 +304,9 @@ def make_classification_dataset(
         raise ValueError(f"image_size must be >= 8, got {image_size}")
     root = os.fspath(root)
     names = classification_class_names(num_classes, kind)
-    draw = draw_shape_image if kind == "shape" else draw_classification_image
+    draw = _DRAW_BY_KIND[kind]
     order = [(c, i) for c in range(num_classes) for i in range(images_per_class)]
-    if kind == "shape":
+    if kind != "shape_and_colour":
         order.sort(key=lambda class_and_index: (class_and_index[1], class_and_index[0]))
     rows = []
     for class_index, i in order:

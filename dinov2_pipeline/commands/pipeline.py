@@ -266,7 +266,8 @@ def prepare_demo_data(data_dir: str) -> dict[str, str]:
 
     marker = os.path.join(data_dir, "test", "manifest.parquet")
     if not os.path.exists(marker):
-        make_classification_splits(data_dir, num_classes=4, train_per_class=48, test_per_class=16, image_size=32, seed=0)
+        make_classification_splits(data_dir, num_classes=4, train_per_class=96, test_per_class=32, image_size=32,
+                                   seed=0, kind="pattern")
     return {"train": os.path.join(data_dir, "train"), "test": marker,
             "train_manifest": os.path.join(data_dir, "train", "manifest.parquet")}
 

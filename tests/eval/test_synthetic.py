@@ -76,5 +76,23 @@ def test_shape_kind_hides_the_class_from_raw_pixels(tmp_path):
     # while on shape-and-colour classes they are nearly perfect
     assert _pixel_nearest_neighbour_accuracy(shapes) < 0.5
     assert _pixel_nearest_neighbour_accuracy(coloured) > 0.9
-    with pytest.raises(ValueError, match=r"kind: 'shapes' is not one of \['shape_and_colour', 'shape'\]"):
+    with pytest.raises(ValueError, match=r"kind: 'shapes' is not one of \['shape_and_colour', 'shape', 'pattern'\]"):
         make_classification_dataset(tmp_path / "bad", kind="shapes")
+
+
+def test_pattern_kind_hides_the_class_from_raw_pixels(tmp_path):
+    patterns = make_classification_dataset(tmp_path / "pattern", num_classes=4, images_per_class=40, seed=5,
+                                           kind="pattern")
+    twin = make_classification_dataset(tmp_path / "twin", num_classes=4, images_per_class=40, seed=5, kind="pattern")
+    assert patterns.class_names == ("horizontal_stripes", "vertical_stripes", "checkerboard", "dots")
+    records = read_manifest(patterns.manifest_uri)
+    assert [r.label for r in records[:4]] == list(patterns.class_names)  # interleaved
+    for record, other in zip(records[::23], read_manifest(twin.manifest_uri)[::23]):
+        assert open(record.uri, "rb").read() == open(other.uri, "rb").read()
+    image = np.asarray(Image.open(records[0].uri), np.float32)
+    channel_means = image.reshape(-1, 3).mean(0)
+    assert image.shape == (32, 32, 3) and np.ptp(channel_means) < 3  # grey (plus per-channel noise)
+    # period, phase, tilt, grey levels and illumination are random: pixels stay near chance (25 %)
+    assert _pixel_nearest_neighbour_accuracy(patterns) < 0.45
+    with pytest.raises(ValueError, match=r"num_classes must be in \[2, 4\] for kind 'pattern', got 5"):
+        make_classification_dataset(tmp_path / "bad", num_classes=5, kind="pattern")
