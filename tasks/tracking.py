@@ -12,7 +12,9 @@ e.g. an image mode ``I;16``) and every value and tag goes through the secret scr
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -178,9 +180,12 @@ class Tracker:
             )
         out: dict[str, Any] = {"model_uri": info.model_uri, "model_id": info.model_id}
         if registered_name:
-            version = mlflow.register_model(
-                info.model_uri, registered_name, tags={k: str(v) for k, v in metrics.items()}
-            )
+            chatter = io.StringIO()  # MLflow prints "Successfully registered model ..." to stderr
+            with contextlib.redirect_stderr(chatter):
+                version = mlflow.register_model(
+                    info.model_uri, registered_name, tags={k: str(v) for k, v in metrics.items()}
+                )
+            logging.getLogger("mlflow").info(chatter.getvalue().strip())
             out.update(registered_name=registered_name, registered_version=str(version.version))
         return out
 

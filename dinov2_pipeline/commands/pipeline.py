@@ -103,6 +103,8 @@ def prepare_environment(work_dir: str | None = None, verbose: bool = False) -> N
         progress.propagate = False
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    # torch.export's notes on specialised shapes when the model is logged to MLflow: not actionable here
+    logging.getLogger("torch._export").setLevel(logging.INFO if verbose else logging.ERROR)
 
 
 def run_pipeline(cfg, config_path: str | None = None, overrides: list[str] | None = None):
