@@ -21,7 +21,6 @@ are cancelled (:func:`cancel_outdated_jobs`). This module imports no Prefect: co
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import logging
 import os
@@ -429,6 +428,3 @@ def wait(handle: JobHandle, poll_interval_s: float, on_tick: Callable[[], None] 
         on_tick()
     return handle.result()
 
-
-def resources_dict(resources: Resources) -> dict[str, Any]:
-    return {k: v for k, v in dataclasses.asdict(resources).items() if v is not None}

@@ -35,7 +35,6 @@ from tasks.record import (
     current_record,
     explain_change,
     finished,
-    read_state,
     write_record,
     write_state,
 )
@@ -240,11 +239,6 @@ def cancel_active_jobs(work_dir: str) -> list[str]:
             if job_id:
                 cancelled.append(f"{stage}:{job_id}")
     return cancelled
-
-
-def stage_status(stage_dir: str) -> dict[str, Any]:
-    """What ``_state.json`` says about one identity directory (for ``status``)."""
-    return read_state(stage_dir)
 
 
 def _artifact_folder(path: str, output_dir: str | None) -> str | None:

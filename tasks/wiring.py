@@ -34,7 +34,6 @@ CURATION_CONFIG_CLASSES = {
     "curate": "CurateConfig",
 }
 MANIFEST_NAME = "manifest.parquet"
-DECONTAM_NAME = "decontamination.parquet"
 MANIFEST_STAGES = ("ingest", "dedup", "curate")
 PENDING = "pending"
 

@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from dinov2_core.train.checkpointing import CheckpointManager
 from dinov2_core.train.config import TrainConfig

@@ -129,7 +129,7 @@ def test_vit_small_exports_and_hub_builder_layout(tmp_path, registers):
     assert {k: v.shape for k, v in builder_model.state_dict().items()} == {k: v.shape for k, v in hub_state.items()}
     # a requested grid keeps the builder, with its img_size argument
     again = export(tmp_path / "src", tmp_path / "again", ["hub"], img_size=224)["hub"]
-    assert again["official_builder"] == builder and f"pretrained=False, img_size=224); model.load" in again["load"]
+    assert again["official_builder"] == builder and "pretrained=False, img_size=224); model.load" in again["load"]
 
 
 @pytest.mark.parametrize("arch,ffn_layer", [("vit_base", "mlp"), ("vit_large", "mlp"), ("vit_giant2", "swiglufused")])

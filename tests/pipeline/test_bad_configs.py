@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 import textwrap
 
-import pytest
-
 from tests.pipeline.conftest import DEMO_CONFIG, REPO_ROOT, tiny_overrides
 
 TRAIN = REPO_ROOT / "configs" / "train"

@@ -110,7 +110,7 @@ def test_unchanged_inputs_reuse_every_stage(local_sequence):
 def test_new_images_retrain_everything_downstream(local_sequence):
     from dinov2_core.data.manifest import read_manifest_table
 
-    cfg, runs = local_sequence["cfg"], local_sequence["runs"]
+    runs = local_sequence["runs"]
     before, after = runs["unchanged"], runs["new_images"]
     outcomes = _outcomes(after)
     assert all(outcome == "recomputed" for outcome in outcomes.values()), outcomes

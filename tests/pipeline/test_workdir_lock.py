@@ -56,7 +56,7 @@ def test_two_runs_on_one_work_dir(tmp_path, image_set):
     assert "is in use by another run" in logs and "Traceback" not in logs
 
     # started later, while the first one trains: refused, and the first one's job keeps running to the end
-    longer = f"pretrain.overrides=[optim.epochs=12, optim.warmup_epochs=0, teacher.warmup_teacher_temp_epochs=0]"
+    longer = "pretrain.overrides=[optim.epochs=12, optim.warmup_epochs=0, teacher.warmup_teacher_temp_epochs=0]"
     third = _run(work_dir, image_set, tmp_path, "c", longer)
     deadline = time.time() + 300
     running = None
